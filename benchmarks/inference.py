@@ -1,0 +1,213 @@
+"""Inference latency, throughput and size: Keras vs SavedModel vs each TFLite variant, same inputs, one run.
+
+    .venv/bin/python benchmarks/inference.py [--run demo_out/run --export demo_out/export] [--repeats 40]
+
+Model: the demo's trained run and export when they exist (``demo_out/run``, ``demo_out/export``);
+otherwise an *untrained* end-to-end model with the CPU demo config's sizes (latency does not depend on
+the weights) is built and exported into a temporary folder, int8 calibrated on phantom studies.
+
+Inputs: preprocessed views of phantom studies (the demo's held-out studies when present), the same
+arrays for every runtime. Per-study latency is one study's views -> the output contract's tensors:
+  * keras: the end-to-end ``.keras`` model called eagerly (``model(views)``, what `lumbar-tf predict` does);
+  * saved_model: ``serving_default`` of the SavedModel (localise -> in-graph crop -> grade);
+  * tflite_<variant>: the tablet runner (`lumbar_tf.edge.EdgeModel`): ``localize`` -> numpy crops ->
+    ``grade``, LiteRT with XNNPACK on all cores.
+Throughput at batch 16: Keras/SavedModel take a batch of 16 studies; the TFLite runner resizes its input
+tensors to 16 views (localize) and 80 crops (grade) per invoke. DICOM -> views preprocessing is timed
+once, separately (it is the same numpy code for every runtime).
+
+Writes a Markdown table to ``benchmarks/inference_results.md`` (``--md``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "training" / "configs" / "cpu_demo.yaml"
+NAME = "lumbar_spine"
+
+
+def _dir_size(path: Path) -> int:
+    path = Path(path)
+    return (
+        path.stat().st_size
+        if path.is_file()
+        else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    )
+
+
+def build_untrained_export(work: Path) -> tuple[Path, Path]:
+    """An untrained end-to-end model at the CPU demo sizes, exported (all four TFLite variants)."""
+    from lumbar_tf.config import load_config
+    from lumbar_tf.export import export_model
+    from lumbar_tf.model import build_grader, build_localizer
+    from lumbar_tf.pipeline_model import build_end_to_end
+
+    cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None)
+    p = cfg.preprocess
+    model = build_end_to_end(
+        build_localizer(p.view_size, cfg.model), build_grader(p.crop_size, p.view_names, cfg.model), p
+    )
+    model_file = work / "model" / "model.keras"
+    model_file.parent.mkdir(parents=True)
+    model.save(model_file)
+    export = work / "export"
+    export_model(model_file, export, representative_size=8, progress=False)
+    return model_file, export
+
+
+def input_views(cfg, n: int, work: Path, data_dir: Path | None) -> tuple[dict, float]:
+    """Views of ``n`` phantom studies (from ``data_dir`` when given) and the median DICOM->views seconds."""
+    from lumbar_tf.dicom import read_study
+    from lumbar_tf.preprocess import build_views
+
+    if data_dir is None or not (data_dir / "train_images").is_dir():
+        from lumbar_tf.synthetic import synthesize_dataset
+
+        data_dir = synthesize_dataset(work / "phantoms", n, seed=2024)
+    studies = sorted((data_dir / "train_images").iterdir())[:n]
+    views, seconds = [], []
+    for study in studies:
+        t = time.perf_counter()
+        views.append(build_views(read_study(study), cfg)[0])
+        seconds.append(time.perf_counter() - t)
+    stacked = {name: np.stack([v[name] for v in views]).astype(np.float32) for name in cfg.view_names}
+    return stacked, statistics.median(seconds)
+
+
+def time_runtime(predict, views: dict, repeats: int, batch: int) -> list[float]:
+    """Seconds per call of ``predict`` on batches of ``batch`` studies (after 3 warm-up calls)."""
+    n = len(next(iter(views.values())))
+    starts = [(i * batch) % max(1, n - batch + 1) for i in range(repeats + 3)]
+    out = []
+    for k, start in enumerate(starts):
+        chunk = {name: v[start : start + batch] for name, v in views.items()}
+        t = time.perf_counter()
+        predict(chunk)
+        if k >= 3:
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, default=REPO / "demo_out" / "run")
+    parser.add_argument("--export", type=Path, default=REPO / "demo_out" / "export")
+    parser.add_argument("--data", type=Path, default=REPO / "demo_out" / "holdout", help="studies for inputs")
+    parser.add_argument("--studies", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=40, help="timed calls at batch 1")
+    parser.add_argument("--batch-repeats", type=int, default=6, help="timed calls at batch 16")
+    parser.add_argument("--md", type=Path, default=Path(__file__).with_name("inference_results.md"))
+    args = parser.parse_args()
+
+    from lumbar_tf.edge import EdgeModel
+    from lumbar_tf.export import SavedModelRunner
+    from lumbar_tf.inference import load_model
+    from lumbar_tf.predict import resolve_model
+
+    work = Path(tempfile.mkdtemp(prefix="lumbar_bench_"))
+    try:
+        if (args.run / "model.keras").exists() and (args.export / "saved_model").is_dir():
+            model_source, export = args.run / "model.keras", args.export
+            which = f"trained demo run `{args.run}` and export `{args.export}`"
+        else:
+            t = time.perf_counter()
+            model_source, export = build_untrained_export(work)
+            which = (
+                "untrained end-to-end model at the CPU demo config sizes (no demo run found), "
+                f"exported in {time.perf_counter() - t:.0f} s"
+            )
+        keras_model = load_model(model_source)
+        cfg = keras_model.preprocess
+        _, saved_dir = resolve_model(export)
+        data = args.data if args.data.is_dir() else None
+        views, prep_s = input_views(cfg, args.studies, work, data)
+
+        runtimes = {
+            "keras": (keras_model.predict_views, _dir_size(keras_model.path)),
+            "saved_model": (SavedModelRunner(saved_dir).predict_views, _dir_size(saved_dir)),
+        }
+        for variant in ("float32", "float16", "dynamic", "int8"):
+            path = export / "tflite" / f"{NAME}_{variant}.tflite"
+            if path.exists():
+                model = EdgeModel(path)
+                runtimes[f"tflite_{variant}"] = (
+                    lambda v, m=model: m.predict_views(v, batch_size=16),
+                    _dir_size(path),
+                )
+
+        rows = {}
+        for key, (predict, size) in runtimes.items():
+            b1 = time_runtime(predict, views, args.repeats, 1)
+            b16 = time_runtime(predict, views, args.batch_repeats, 16)
+            rows[key] = {
+                "size_mb": size / 1e6,
+                "median_ms": 1e3 * statistics.median(b1),
+                "p95_ms": 1e3 * float(np.percentile(b1, 95)),
+                "b1_per_s": 1.0 / statistics.median(b1),
+                "b16_per_s": 16.0 / statistics.median(b16),
+            }
+            print(f"{key}: {rows[key]['median_ms']:.1f} ms", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    base = rows["saved_model"]["median_ms"]
+    lines = [
+        "# Inference benchmark: Keras vs SavedModel vs TFLite",
+        "",
+        f"Command: `.venv/bin/python benchmarks/inference.py` ({' '.join(sys.argv[1:]) or 'defaults'})",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"{platform.system()}, Python {platform.python_version()}; TensorFlow and LiteRT (XNNPACK) "
+        "on all cores; no GPU.",
+        f"Model: {which}; view {cfg.view_size} px, crop {cfg.crop_size} px, "
+        f"views {', '.join(cfg.view_names)}.",
+        f"Inputs: the same preprocessed views of {len(next(iter(views.values())))} phantom studies for "
+        f"every runtime; {args.repeats} timed calls at batch 1, {args.batch_repeats} at batch 16, after 3 "
+        "warm-ups. DICOM -> views preprocessing (shared numpy code, not in the latencies): median "
+        f"{1e3 * prep_s:.0f} ms per study.",
+        "",
+        "| runtime | size (MB) | latency median (ms) | p95 (ms) | vs SavedModel | studies/s batch 1 "
+        "| studies/s batch 16 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, r in rows.items():
+        lines.append(
+            f"| {key} | {r['size_mb']:.2f} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | "
+            f"{base / r['median_ms']:.2f}x | {r['b1_per_s']:.1f} | {r['b16_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "Latency = one study's views -> grade probabilities + level positions. TFLite = the tablet runner "
+        "(`localize` signature -> numpy level crops -> `grade` signature); at batch 16 it resizes its input "
+        "tensors to 16 views and 80 crops per invoke. Keras = eager `model(views)` of the end-to-end model.",
+    ]
+    if "tflite_int8" in rows:
+        ratio = base / rows["tflite_int8"]["median_ms"]
+        lines.append(
+            f"\nint8 TFLite vs float32 SavedModel at batch 1: {ratio:.2f}x faster "
+            f"(aim: at least 2x; {'met' if ratio >= 2 else 'not met'})."
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Shared fixtures: phantom data, a prepared cache and a tiny trained run, each made once per session.
+
+Test data is generated here, never committed. Sizes are tiny so the default suite stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+# Small views and crops: enough anatomy for the pipeline, fast on 2 cores.
+TINY_OVERRIDES = [
+    "preprocess.view_size=64",
+    "preprocess.crop_size=32",
+    "model.localizer_size=64",
+    "model.localizer_filters=[8,8,16,16,16]",
+    "model.head_units=16",
+    "train.folds=4",
+    "train.localizer.epochs=2",
+    "train.localizer.batch_size=4",
+    "train.grader.epochs=2",
+    "train.grader.batch_size=16",
+]
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory):
+    """Twelve phantom studies in the RSNA layout (read-only for tests: copy before damaging)."""
+    from lumbar_tf.synthetic import synthesize_dataset
+
+    return synthesize_dataset(tmp_path_factory.mktemp("phantom"), 12, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from lumbar_tf.config import load_config
+
+    return load_config(None, TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def phantom_cache(phantom_dir, tiny_config, tmp_path_factory):
+    from lumbar_tf.data import prepare_cache
+
+    cache = tmp_path_factory.mktemp("cache")
+    prepare_cache(phantom_dir, cache, tiny_config.preprocess, workers=2, progress=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom_dir, phantom_cache, tmp_path_factory):
+    """A finished run of both stages at tiny size (weights are meaningless, shapes are real)."""
+    from lumbar_tf.train import train
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    return train(phantom_dir, run, overrides=TINY_OVERRIDES, cache_dir=phantom_cache)

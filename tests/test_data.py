@@ -1,0 +1,154 @@
+"""Index -> cache -> tf.data, and how bad studies are skipped."""
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+from lumbar_tf import labels as L
+from lumbar_tf.data import (
+    DatasetError,
+    grader_dataset,
+    load_studies,
+    localizer_dataset,
+    prepare_cache,
+    read_index,
+    split_folds,
+)
+
+
+def test_index_reads_fine_grades_and_coordinates(phantom_dir):
+    index = read_index(phantom_dir)
+    assert len(index.study_ids) == 12 and not index.problems
+    first = index.studies[index.study_ids[0]]
+    assert first.grades.shape == (5, 5) and first.fine_grades
+    assert {row["condition"] for row in first.coordinates} <= set(L.CONDITIONS)
+    # train.csv and train_grades.csv agree where both are known.
+    with open(phantom_dir / "train.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["study_id"] == first.study_id)
+    for ci, c in enumerate(L.CONDITIONS):
+        for li, lv in enumerate(L.LEVELS):
+            assert L.grade_to_rsna(int(first.grades[ci, li])) == row[L.column_name(c, lv)]
+
+
+def test_pipeline_batch_shapes_and_masks(phantom_cache, tiny_config):
+    p = tiny_config.preprocess
+    ids = load_studies(phantom_cache, p)["study_id"]
+    x, y = next(iter(localizer_dataset(phantom_cache, p, ids, batch_size=4, training=True)))
+    assert x.shape == (4, 64, 64, 3) and y.shape == (4, 5, 3)
+    assert float(np.min(y[..., :2])) > 0 and float(np.max(y[..., :2])) < 1
+
+    inputs, y = next(iter(grader_dataset(phantom_cache, p, ids, batch_size=8, training=False)))
+    assert set(inputs) == {"sag_t2", "sag_t1", "level_index"}
+    assert inputs["sag_t2"].shape == (8, 32, 32, 3) and inputs["level_index"].shape == (8,)
+    assert y.shape == (8, 5, 3, 2)
+    targets, mask = y[..., 0].numpy(), y[..., 1].numpy()
+    assert np.all(targets <= mask)  # nothing is a positive where it is unknown
+
+
+def test_grader_labels_follow_the_encoding(phantom_cache, tiny_config):
+    p = tiny_config.preprocess
+    studies = load_studies(phantom_cache, p)
+    sid = studies["study_id"][0]
+    batches = list(grader_dataset(phantom_cache, p, [sid], batch_size=5, training=False))
+    inputs, y = batches[0]
+    grades = studies["grades"][0]
+    targets, mask = L.encode_grades(grades.T)  # level-major like the grader's rows
+    present = studies["level_present"][0] > 0.5
+    np.testing.assert_array_equal(y[..., 0].numpy(), targets[present])
+    np.testing.assert_array_equal(y[..., 1].numpy(), mask[present])
+    np.testing.assert_array_equal(inputs["level_index"].numpy(), np.arange(5)[present])
+
+
+def test_level_points_land_inside_views(phantom_cache, tiny_config):
+    studies = load_studies(phantom_cache, tiny_config.preprocess)
+    xy, present = studies["level_xy"], studies["level_present"]
+    assert present.mean() > 0.95
+    assert np.all((xy[present > 0] > 0.05) & (xy[present > 0] < 0.95))
+    # Levels run from head (top, small y) to sacrum (bottom).
+    assert np.all(np.diff(xy[..., 1], axis=1) > 0)
+
+
+def test_folds_are_seeded_and_by_study():
+    ids = [str(i) for i in range(100, 140)]
+    a, b = split_folds(ids, 5, seed=3), split_folds(list(reversed(ids)), 5, seed=3)
+    assert a == b and sorted(set(a.values())) == [0, 1, 2, 3, 4]
+    assert split_folds(ids, 5, seed=4) != a
+
+
+def _damage(root, index):
+    """Seven studies, seven different kinds of damage."""
+    ids = index.study_ids
+    images = root / "train_images"
+    series_of = {sid: sorted((images / sid).iterdir()) for sid in ids}
+    # 0: truncated DICOM
+    victim = sorted(series_of[ids[0]][0].glob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:300])
+    # 1: a non-DICOM file among the slices
+    (series_of[ids[1]][0] / "99999.dcm").write_text("not a dicom file")
+    # 2: a missing series (drop every sagittal T1)
+    sag_t1 = {
+        r["series_id"]
+        for r in csv.DictReader(open(root / "train_series_descriptions.csv"))
+        if r["series_description"] == "Sagittal T1" and r["study_id"] == ids[2]
+    }
+    shutil.rmtree(images / ids[2] / sag_t1.pop())
+    # 3: unknown severity string, 4: unknown condition in the coordinates
+    rows = list(csv.DictReader(open(root / "train.csv")))
+    for r in rows:
+        if r["study_id"] == ids[3]:
+            r[L.LABEL_COLUMNS[0]] = "Sever"
+    _write(root / "train.csv", rows)
+    grade_rows = [r for r in csv.DictReader(open(root / "train_grades.csv")) if r["study_id"] != ids[3]]
+    _write(root / "train_grades.csv", grade_rows)
+    coords = list(csv.DictReader(open(root / "train_label_coordinates.csv")))
+    for r in coords:
+        if r["study_id"] == ids[4]:
+            r["condition"] = "Spinal Stenosis Of Doom"
+            break
+    # 5: a study_id that would escape the images folder; 6: one that is not an integer
+    coords.append({**coords[0], "study_id": "../../etc"})
+    _write(root / "train_label_coordinates.csv", coords)
+    rows = list(csv.DictReader(open(root / "train.csv")))
+    rows.append({**rows[0], "study_id": "12ab"})
+    _write(root / "train.csv", rows)
+    return ids
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_bad_studies_are_skipped_and_reported(phantom_dir, tiny_config, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(phantom_dir, root)
+    ids = _damage(root, read_index(root))
+    manifest = prepare_cache(root, tmp_path / "cache", tiny_config.preprocess, progress=False)
+    skipped = manifest["skipped"]
+    assert set(ids[:5]) <= set(skipped)
+    assert set(manifest["study_ids"]) == set(ids[5:])
+    assert "Sever" in skipped[ids[3]] and "Spinal Stenosis Of Doom" in skipped[ids[4]]
+    assert "missing series 'Sagittal T1'" in skipped[ids[2]]
+    assert "12ab" in skipped and "../../etc" in skipped
+    assert "not a plain integer" in skipped["../../etc"]
+    for sid in ids[:2]:
+        assert str(root / "train_images" / sid) in skipped[sid]
+    with open(tmp_path / "cache" / "skipped_studies.csv") as handle:
+        reported = {r["study_id"]: r["reason"] for r in csv.DictReader(handle)}
+    assert reported == skipped
+
+
+def test_dataset_without_usable_labels_is_an_error(tmp_path):
+    (tmp_path / "train_images").mkdir()
+    with pytest.raises(DatasetError, match="no usable studies"):
+        prepare_cache(tmp_path, tmp_path / "cache", read_index_cfg(), progress=False)
+
+
+def read_index_cfg():
+    from lumbar_tf.config import PreprocessConfig
+
+    return PreprocessConfig(view_size=32, crop_size=16)

@@ -1,0 +1,251 @@
+"""`lumbar-tf predict`: every runtime gives the same predictions.json; test folders give a Kaggle
+submission (bad studies skipped); TF Serving through --rest; one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lumbar_tf import labels
+
+NAME = "lumbar_spine"
+
+
+def shared_export(tiny_run, phantom_cache, phantom_dir) -> Path:
+    """The session's one export of the tiny run (memoised on disk; see tests/test_export.py)."""
+    out = Path(tiny_run).parent / "shared_export"
+    if not (out / "export_report.json").exists():
+        from lumbar_tf.export import export_model
+
+        export_model(
+            tiny_run,
+            out,
+            cache_dir=phantom_cache,
+            data_dir=phantom_dir,
+            representative_size=6,
+            progress=False,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_run, phantom_cache, phantom_dir):
+    return shared_export(tiny_run, phantom_cache, phantom_dir)
+
+
+@pytest.fixture(scope="module")
+def study_dirs(phantom_dir):
+    return sorted((phantom_dir / "train_images").iterdir())
+
+
+def copy_study_without(study_dir: Path, dest: Path, *, planes=(), descriptions=()) -> Path:
+    from lumbar_tf.dicom import read_study
+
+    target = dest / study_dir.name
+    shutil.copytree(study_dir, target)
+    for description, series in read_study(target).series.items():
+        if series.plane in planes or description in descriptions:
+            shutil.rmtree(series.path)
+    return target
+
+
+def _grade_probs(preds: dict) -> np.ndarray:
+    return np.array([c["grade_probs"] for c in preds["cells"]])
+
+
+def test_every_runtime_gives_the_same_predictions(export_dir, tiny_run, study_dirs, tmp_path):
+    from lumbar_tf.predict import predict_study_with_model
+
+    study = study_dirs[1]
+    models = {
+        "keras": tiny_run,
+        "keras_file": tiny_run / "model.keras",
+        "saved_model": export_dir / "saved_model" / NAME / "1",
+        "export_root": export_dir,
+        "tflite": export_dir / "tflite" / f"{NAME}_float32.tflite",
+    }
+    results = {}
+    for key, path in models.items():
+        out = tmp_path / key
+        preds = predict_study_with_model(path, study, out)
+        assert json.loads((out / "predictions.json").read_text())["study_id"] == study.name
+        assert [(c["condition"], c["level"]) for c in preds["cells"]] == [
+            (c, lv) for c in labels.CONDITIONS for lv in labels.LEVELS
+        ]
+        assert [lv["level"] for lv in preds["levels"]] == list(labels.LEVELS)
+        assert all(isinstance(lv["instance_number"], int) for lv in preds["levels"])
+        results[key] = preds
+    assert results["keras"]["model"]["format"] == "keras"
+    assert results["saved_model"]["model"] == {"name": NAME, "version": 1, "format": "saved_model"}
+    assert results["export_root"]["model"]["version"] == 1
+    assert results["tflite"]["model"]["format"] == "tflite_float32"
+    reference = _grade_probs(results["keras"])
+    np.testing.assert_allclose(_grade_probs(results["saved_model"]), reference, atol=1e-5)
+    np.testing.assert_allclose(_grade_probs(results["keras_file"]), reference, atol=1e-6)
+    np.testing.assert_allclose(_grade_probs(results["tflite"]), reference, atol=1e-3)
+
+
+def test_missing_view_warns_and_is_zeroed(export_dir, study_dirs, tmp_path, capsys):
+    from lumbar_tf.cli import main
+
+    no_t1 = copy_study_without(study_dirs[0], tmp_path / "data", descriptions=("Sagittal T1",))
+    out = tmp_path / "out"
+    model = export_dir / "saved_model" / NAME / "1"
+    assert main(["predict", "--model", str(model), "--study", str(no_t1), "--out", str(out)]) == 0
+    preds = json.loads((out / "predictions.json").read_text())
+    assert any("no 'Sagittal T1' series; view sag_t1 is zeros" in w for w in preds["warnings"])
+    assert "warning:" in capsys.readouterr().out
+    assert len(preds["cells"]) == 25
+
+
+def _cli(*args, timeout=180):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "lumbar_tf.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(export_dir, study_dirs, tmp_path):
+    axial_only = copy_study_without(study_dirs[0], tmp_path / "data", planes=("sagittal",))
+    tflite = export_dir / "tflite" / f"{NAME}_int8.tflite"
+    done = _cli("predict", "--model", tflite, "--study", axial_only, "--out", tmp_path / "o1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {axial_only}: no sagittal series"]
+    assert "Traceback" not in done.stderr
+
+    bogus = tmp_path / "model.tflite"
+    bogus.write_text("not a model")
+    done = _cli("predict", "--model", bogus, "--study", study_dirs[0], "--out", tmp_path / "o2")
+    assert done.returncode == 2
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(bogus) in errors[0] and "not a TFLite model" in errors[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    from lumbar_tf.cli import main
+
+    assert main(["predict", "--model", str(tmp_path), "--study", "a", "--data", "b"]) == 2
+    assert "exactly one of --study" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "--submission" in capsys.readouterr().err
+    assert main(["predict", "--study", str(tmp_path)]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path / "nope.keras"), "--study", str(tmp_path)]) == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def test_folder(phantom_dir, tmp_path_factory):
+    """An RSNA test-layout folder: two good studies and one without any sagittal series."""
+    root = tmp_path_factory.mktemp("testdata")
+    images = root / "test_images"
+    images.mkdir()
+    studies = sorted((phantom_dir / "train_images").iterdir())
+    good = [studies[2], studies[3]]
+    for study in good:
+        shutil.copytree(study, images / study.name)
+    bad = copy_study_without(studies[4], images, planes=("sagittal",))
+    with open(phantom_dir / "train_series_descriptions.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["study_id"] in {s.name for s in [*good, bad]}]
+    with open(root / "test_series_descriptions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["study_id", "series_id", "series_description"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root, [s.name for s in good], bad.name
+
+
+def test_submission_for_a_test_folder_skips_bad_studies(export_dir, test_folder, tmp_path, capsys):
+    from lumbar_tf.cli import main
+
+    root, good, bad = test_folder
+    submission = tmp_path / "submission.csv"
+    out = tmp_path / "out"
+    model = export_dir / "tflite" / f"{NAME}_float32.tflite"
+    args = ["predict", "--model", str(model), "--data", str(root), "--submission", str(submission)]
+    assert main([*args, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped study {bad}" in captured.err and "no sagittal series" in captured.err
+    with open(submission) as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["row_id", "normal_mild", "moderate", "severe"]
+    body = rows[1:]
+    assert len(body) == 25 * len(good)
+    order = sorted(good, key=int)
+    assert [r[0] for r in body] == [
+        f"{sid}_{c}_{lv}" for sid in order for c in labels.CONDITIONS for lv in labels.LEVELS
+    ]
+    for row in body:
+        assert sum(float(v) for v in row[1:]) == pytest.approx(1.0, abs=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_predicted"] == 2 and summary["n_skipped"] == 1 and bad in summary["skipped"]
+    for sid in good:
+        assert json.loads((out / sid / "predictions.json").read_text())["study_id"] == sid
+
+
+def _serving_fixtures():
+    try:
+        from tests import serving_fixtures
+    except ImportError:
+        import serving_fixtures  # tests/ on sys.path
+    return serving_fixtures
+
+
+def test_rest_server_path_matches_local_saved_model(export_dir, study_dirs, tmp_path):
+    from lumbar_tf.cli import main
+    from lumbar_tf.predict import predict_study_with_model
+
+    fixtures = _serving_fixtures()
+    study = study_dirs[5]
+    local = predict_study_with_model(export_dir, study, tmp_path / "local")
+    with fixtures.rest_server({NAME: export_dir / "saved_model" / NAME}) as server:
+        out = tmp_path / "rest"
+        args = ["predict", "--rest", server.base_url, "--metadata", str(export_dir / "metadata.json")]
+        assert main([*args, "--study", str(study), "--out", str(out)]) == 0
+    remote = json.loads((out / "predictions.json").read_text())
+    assert remote["model"]["format"] == "saved_model" and remote["model"]["version"] == 1
+    np.testing.assert_allclose(_grade_probs(remote), _grade_probs(local), atol=1e-5)
+    assert [lv["instance_number"] for lv in remote["levels"]] == [
+        lv["instance_number"] for lv in local["levels"]
+    ]
+
+
+def test_heatmaps_hook_is_called_with_the_midline_slice(export_dir, study_dirs, tmp_path, monkeypatch):
+    import types
+
+    from lumbar_tf.predict import predict_study_with_model
+
+    calls = []
+
+    def write_heatmaps(predictions, midline_image, out_dir):
+        calls.append((predictions, midline_image, Path(out_dir)))
+        path = Path(out_dir) / "fake_heatmap.png"
+        path.write_bytes(b"png")
+        return [path]
+
+    monkeypatch.setitem(
+        sys.modules, "lumbar_tf.heatmaps", types.SimpleNamespace(write_heatmaps=write_heatmaps)
+    )
+    out = tmp_path / "out"
+    preds = predict_study_with_model(
+        export_dir / "tflite" / f"{NAME}_float32.tflite", study_dirs[0], out, True
+    )
+    assert len(calls) == 1
+    given, image, where = calls[0]
+    assert given is preds and where == out and (out / "fake_heatmap.png").exists()
+    assert image.dtype == np.uint8 and image.ndim == 2 and image.max() > 0
+    # the slice the level positions are on, in its own pixel grid
+    assert image.shape[1] > max(lv["x"] for lv in preds["levels"]) >= 0
