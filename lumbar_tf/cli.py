@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tflite", default="float32,float16,dynamic,int8", help="comma-separated TFLite variants, or none"
     )
     p.add_argument("--data", type=Path, help="held-out data for the export report's ROC-AUC")
-    p.add_argument("--representative-size", type=int, default=64)
+    p.add_argument(
+        "--representative-size", type=int, default=64, help="training studies for int8 calibration and checks"
+    )
     p.add_argument("--metrics", type=Path, help="an evaluation metrics.json to store in the export metadata")
     p.add_argument("--cache", type=Path, help="prepared cache of the training data (representative studies)")
     p.set_defaults(func=cmd_export)

@@ -309,7 +309,9 @@ def prepare_cache(
     writers = [tf.io.TFRecordWriter(str(cache / f"shard-{i:03d}.tfrecord")) for i in range(n_shards)]
     kept: list[str] = []
     warnings: dict[str, list[str]] = {}
-    ctx = mp.get_context("fork")
+    # spawn, not fork: forking a process that has already run TensorFlow (evaluate, export) can
+    # deadlock on locks held by its thread pools.
+    ctx = mp.get_context("spawn")
     bar = tqdm(total=len(todo), desc="prepare", unit="study", disable=not progress)
     try:
         with ctx.Pool(max(1, workers), initializer=_init_worker, initargs=(index, cfg)) as pool:

@@ -42,7 +42,7 @@ import numpy as np
 
 from lumbar_tf import labels as L
 from lumbar_tf.config import PreprocessConfig, config_to_dict
-from lumbar_tf.dicom import SAGITTAL_T1, SAGITTAL_T2, DicomError, read_series_descriptions, read_study
+from lumbar_tf.dicom import SAGITTAL_T1, SAGITTAL_T2, read_study
 from lumbar_tf.heatmaps import INTENDED_USE, grade_prob_array, save_png, write_heatmaps
 from lumbar_tf.inference import ModelLoadError
 
@@ -93,26 +93,21 @@ def check_model_path(path) -> None:
 
 
 def model_info(loaded) -> dict:
-    """``{"name", "version", "format"}`` of a loaded Keras model; version = first 12 hex of its sha256."""
-    digest = hashlib.sha256(Path(loaded.path).read_bytes()).hexdigest()[:12]
-    return {"name": str(loaded.model.name), "version": digest, "format": "keras"}
+    """``{"name", "version", "format"}`` as `lumbar-tf predict` writes it for a Keras model, so the two
+    commands give the same predictions.json (a .keras file has no version; the report shows its hash)."""
+    return {"name": str(loaded.model.name), "version": None, "format": "keras"}
+
+
+def file_fingerprint(path) -> str:
+    """First 12 hex digits of a file's sha256: names the exact model in the report."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 # === Views and slices ===
-
-
-def _descriptions_for(study_dir: Path) -> dict[str, str] | None:
-    """Series descriptions from an RSNA layout around the study (``ROOT/{split}_images/{id}``), if any."""
-    images = study_dir.parent
-    if not images.name.endswith("_images"):
-        return None
-    csv_path = images.parent / f"{images.name[: -len('_images')]}_series_descriptions.csv"
-    if not csv_path.exists():
-        return None
-    try:
-        return read_series_descriptions(csv_path).get(study_dir.name)
-    except DicomError:
-        return None  # headers still type the series
 
 
 def channel_for_side(offsets_mm, side: str) -> int:
@@ -249,12 +244,16 @@ def find_grader(model):
     raise ModelLoadError(f"{model.name}: no grader inside this model")
 
 
-def grader_gradcams(grader, crops: dict, threshold: int = TARGET_THRESHOLD) -> tuple[dict, np.ndarray]:
+def grader_gradcams(
+    grader, crops: dict, condition_views: dict[str, str], threshold: int = TARGET_THRESHOLD
+) -> tuple[dict, np.ndarray]:
     """Grad-CAM++ of every condition on its view, for the five levels of one study.
 
     Args:
         grader: the grader Keras model.
         crops: ``{view: float32 [5, S, S, 3]}`` level crops (0-255), levels in LEVELS order.
+        condition_views: ``{condition: view name}`` whose feature map each condition's map is taken on
+            (`source_view`).
         threshold: index of the threshold whose logit is the target (1 = ``>=2``).
 
     Returns:
@@ -269,8 +268,7 @@ def grader_gradcams(grader, crops: dict, threshold: int = TARGET_THRESHOLD) -> t
     inputs[LEVEL_INPUT] = tf.range(L.N_LEVELS, dtype=tf.int32)
     by_view: dict[str, list[int]] = {}
     for ci, condition in enumerate(L.CONDITIONS):
-        view = _grader_view(names, condition)
-        by_view.setdefault(view, []).append(ci)
+        by_view.setdefault(condition_views[condition], []).append(ci)
     cams, logits = {}, None
     for view, conditions in by_view.items():
         gradcam_model = build_grader_gradcam_model(grader, view)
@@ -283,12 +281,6 @@ def grader_gradcams(grader, crops: dict, threshold: int = TARGET_THRESHOLD) -> t
         del tape
         logits = view_logits.numpy()
     return cams, logits
-
-
-def _grader_view(names, condition: str) -> str:
-    """The grader input a condition is read on (by the default view names; else the first input)."""
-    wanted = "sag_t1" if CONDITION_SOURCES[condition].series_description == SAGITTAL_T1 else "sag_t2"
-    return wanted if wanted in names else names[0]
 
 
 # === Figures ===
@@ -495,7 +487,8 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
         threshold: index of the threshold logit Grad-CAM++ targets (default 1, ``P(grade >= 2)``).
 
     Returns:
-        ``{"study_id", "paths": {name: Path, "gradcam": {condition: Path}}, "predictions": dict,
+        ``{"study_id", "out_dir", "model_path", "paths": {name: Path, "gradcam": {condition: Path}},
+        "predictions": dict,
         "cams": {condition: float32 [5, S, S]} (crop pixels, max 1 per level), "cam_peaks":
         {condition: [5, 2] source px (NaN where empty)}, "cam_slices": {condition: {...}},
         "threshold_logits": [5 conditions, 5 levels, 3], "target_threshold": ">=2"}``.
@@ -503,6 +496,7 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     Raises:
         ExplainError / ModelLoadError: a model it cannot use; DicomError: an unreadable study.
     """
+    from lumbar_tf.edge import descriptions_for_study
     from lumbar_tf.inference import load_model
     from lumbar_tf.predictions import build_predictions, level_positions_from_views, write_predictions
     from lumbar_tf.preprocess import build_views, crop_levels, level_boxes
@@ -513,7 +507,7 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     loaded = load_model(model_path)
     cfg = loaded.preprocess
     study_dir = Path(study_dir)
-    study = read_study(study_dir, _descriptions_for(study_dir))
+    study = read_study(study_dir, descriptions_for_study(study_dir))  # as predict reads it
     study_id = study.study_id
     views, grid, info, warnings = build_views(study, cfg)
     outputs = loaded.predict_views({name: views[name][None] for name in cfg.view_names})
@@ -533,7 +527,8 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     # Grad-CAM++ on the numpy crops (the same crops the in-graph LevelCrop takes).
     grader = find_grader(loaded.model)
     crops = crop_levels(views, level_xy, cfg)
-    cams_fm, logits = grader_gradcams(grader, crops, threshold)
+    condition_views = {condition: source_view(cfg, condition)[0] for condition in L.CONDITIONS}
+    cams_fm, logits = grader_gradcams(grader, crops, condition_views, threshold)
     logits_cl = np.swapaxes(logits, 0, 1)  # [condition, level, 3]
     probs_check = 1.0 / (1.0 + np.exp(-logits_cl))
     if np.max(np.abs(probs_check - outputs["threshold_probs"][0])) > 1e-3:
@@ -616,8 +611,9 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     ]
     model_facts = {
         "file": Path(loaded.path).name,
+        "file sha256 (first 12 hex)": file_fingerprint(loaded.path),
         "run folder": Path(loaded.run_dir).name if loaded.run_dir else "-",
-        **info_model,
+        **{key: "-" if value is None else value for key, value in info_model.items()},
         "grader backbone output": _backbone_note(grader),
     }
     summary_images = [
@@ -637,6 +633,7 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     return {
         "study_id": study_id,
         "out_dir": out,
+        "model_path": Path(loaded.path),
         "paths": paths,
         "predictions": predictions,
         "cams": cams,

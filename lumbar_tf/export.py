@@ -55,8 +55,11 @@ OUTPUT_SPECS = {
 }
 METADATA_FILE = "metadata.json"
 REPORT_FILE = "export_report.json"
-# The SavedModel must reproduce Keras to float rounding; anything larger means a broken export.
-SAVED_MODEL_TOLERANCE = 1e-4
+# The SavedModel must reproduce Keras to float rounding (graph vs eager kernels: ~2e-5 measured on a
+# trained demo-sized model, whose grader is steep); more than this means a broken export.
+SAVED_MODEL_TOLERANCE = 1e-3
+# Held-out macro ROC-AUC a TFLite variant may lose against Keras (reported in the report, not enforced).
+AUC_LOSS_FLOOR = 0.01
 _TMP_PREFIX = ".tmp-"
 _FILE_MODE = 0o644  # readable by a TF Serving container running as another user
 
@@ -438,8 +441,22 @@ def _calibration_samples(views: dict, keras_level_xy: np.ndarray, cfg):
 # === TFLite ===
 
 
-def convert_tflite(edge_saved_model, variant: str, samples=None) -> bytes:
-    """Convert the two-signature SavedModel to one TFLite variant (builtin ops only)."""
+# int8: the grader's last dense layer, the ordinal transform (softplus gaps, cumulative sums) and the
+# sigmoids stay float32. Quantized, the softplus (EXP -> ADD -> LOG in int8) and the int8 logits alone
+# moved probabilities by ~0.05 on a trained demo-sized model; float, the largest difference was ~0.002.
+# Everything before (all convolutions, the pooled features, the localiser) is int8.
+QUANTIZATION = {
+    "float32": "none (float32)",
+    "float16": "float16 weights, float32 compute",
+    "dynamic": "int8 weights, activations quantized on the fly (dynamic range)",
+    "int8": "int8 weights and activations, calibrated on training studies; float32 input/output and "
+    "float32 grader head (last dense layer, ordinal transform, sigmoid)",
+}
+FLOAT_TAIL_LAYERS = ("head_logits", "threshold_logits")
+FLOAT_TAIL_OPS = ("LOG", "EXP", "LOGISTIC", "CUMSUM")
+
+
+def _new_converter(edge_saved_model):
     import tensorflow as tf
 
     from lumbar_tf.edge import SIGNATURES
@@ -448,27 +465,87 @@ def convert_tflite(edge_saved_model, variant: str, samples=None) -> bytes:
         str(edge_saved_model), signature_keys=list(SIGNATURES)
     )
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if variant == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif variant == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif variant == "int8":
-        if not samples:
-            raise ExportError("int8: no representative data for calibration")
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: iter(samples)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.float32
-        converter.inference_output_type = tf.float32
-    elif variant != "float32":
-        raise ExportError(f"--tflite: unknown variant {variant!r}")
+    return converter
+
+
+def _convert(converter) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the calibrator's tf.lite.Interpreter deprecation notice
-        content = converter.convert()
+        return bytes(converter.convert())
+
+
+def _float_tail_nodes(calibrated: bytes) -> list[str]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    names = [t["name"] for t in Interpreter(model_content=calibrated).get_tensor_details()]
+    return [n for n in names if any(f"/{layer}" in n for layer in FLOAT_TAIL_LAYERS)]
+
+
+def _int8_with_float_tail(edge_saved_model, samples) -> tuple[bytes, dict]:
+    """Calibrate, then quantize everything but the grader's tail (the route of TFLite's
+    QuantizationDebugger: calibrate-only conversion + mlir_quantize with a denylist)."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tflite_convert
+
+    converter = _new_converter(edge_saved_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: iter(samples)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter._experimental_calibrate_only = True
+    calibrated = _convert(converter)
+    nodes = _float_tail_nodes(calibrated)
+    if not nodes:
+        raise LookupError("no head_logits / threshold_logits tensors in the grader")
+    content = tflite_convert.mlir_quantize(
+        calibrated,
+        disable_per_channel=False,
+        fully_quantize=False,
+        input_data_type=tf.float32,
+        output_data_type=tf.float32,
+        denylisted_ops=list(FLOAT_TAIL_OPS),
+        denylisted_nodes=nodes,
+    )
+    return bytes(content), {"float_tail": True, "float_tail_tensors": len(nodes)}
+
+
+def convert_tflite(edge_saved_model, variant: str, samples=None) -> tuple[bytes, dict]:
+    """Convert the two-signature SavedModel to one TFLite variant (builtin ops only).
+
+    Returns the flatbuffer and notes for the report. ``int8``: int8 weights and activations with
+    float32 input/output (the runner feeds 0-255 floats), calibrated on ``samples``; the grader's
+    tail stays float32 (`FLOAT_TAIL_LAYERS`), falling back to a plain full-int8 conversion if that
+    route is unavailable.
+    """
+    import tensorflow as tf
+
+    notes: dict = {}
+    if variant == "int8":
+        if not samples:
+            raise ExportError("int8: no representative data for calibration")
+        try:
+            content, notes = _int8_with_float_tail(edge_saved_model, samples)
+        except (AttributeError, ImportError, LookupError, TypeError) as exc:
+            notes = {"float_tail": False, "float_tail_error": f"{exc.__class__.__name__}: {exc}"[:300]}
+            converter = _new_converter(edge_saved_model)
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: iter(samples)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.float32
+            converter.inference_output_type = tf.float32
+            content = _convert(converter)
+    else:
+        converter = _new_converter(edge_saved_model)
+        if variant == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif variant == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        elif variant != "float32":
+            raise ExportError(f"--tflite: unknown variant {variant!r}")
+        content = _convert(converter)
     if b"Flex" in content:
         raise ExportError(f"TFLite {variant}: the model needs Flex (SELECT_TF_OPS) ops; not exported")
-    return bytes(content)
+    return content, notes
 
 
 def embed_metadata(content: bytes, metadata: dict) -> bytes:
@@ -525,6 +602,7 @@ def _tflite_metadata(meta: dict, variant: str, file_name: str) -> dict:
     out.update(
         format="tflite",
         variant=variant,
+        quantization=QUANTIZATION[variant],
         file=file_name,
         signatures={
             LOCALIZE: {
@@ -626,6 +704,10 @@ def export_model(
         evaluation_metrics = _read_json(Path(metrics))
         if not isinstance(evaluation_metrics, dict):
             raise ExportError(f"{metrics}: not a readable metrics.json")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ExportError(f"{data_dir}: held-out data folder not found")
+    if cache_dir is not None and not (Path(cache_dir) / "manifest.json").is_file():
+        raise ExportError(f"{cache_dir}: not a prepared cache (no manifest.json)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder")
@@ -636,7 +718,12 @@ def export_model(
     if version is not None and (model_dir / str(version)).exists():
         raise ExportError(f"{model_dir / str(version)}: version {version} already exists")
 
-    report: dict = {"name": name, "source_model": str(loaded.path), "intended_use": INTENDED_USE}
+    report: dict = {
+        "name": name,
+        "source_model": str(loaded.path),
+        "intended_use": INTENDED_USE,
+        "keras": {"path": str(loaded.path), "size_bytes": Path(loaded.path).stat().st_size},
+    }
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     work = Path(tempfile.mkdtemp(prefix="lumbar_export_"))
@@ -676,13 +763,15 @@ def export_model(
             for variant in variants:
                 say(f"TFLite {variant}: converting")
                 path = work / f"{name}_{variant}.tflite"
-                path.write_bytes(convert_tflite(edge_sm, variant, samples))
+                content, notes = convert_tflite(edge_sm, variant, samples)
+                path.write_bytes(content)
                 edge = EdgeModel(path, metadata={**edge_meta, "variant": variant})
                 got = edge.predict_views(views)
                 report["tflite"][variant] = {
                     "size_bytes": path.stat().st_size,
                     "max_abs_diff": {k: _max_diff(got[k], reference[k]) for k in OUTPUT_SPECS},
                     "ops": tflite_op_names(path),
+                    **notes,
                 }
                 tflite_files[variant] = path
 
@@ -768,6 +857,13 @@ def _evaluate_heldout(data_dir, loaded, saved, tflite_files: dict, cfg, work: Pa
         auc = _auc(edge.predict_views(views)["threshold_probs"], grades)
         delta = None if auc is None or keras_auc is None else auc - keras_auc
         result["tflite"][variant] = {"macro_roc_auc": auc, "delta_vs_keras": delta}
+    result["auc_loss_floor"] = {
+        "max_loss": AUC_LOSS_FLOOR,
+        "met": {
+            v: (r["delta_vs_keras"] is not None and r["delta_vs_keras"] >= -AUC_LOSS_FLOOR)
+            for v, r in result["tflite"].items()
+        },
+    }
     return result
 
 

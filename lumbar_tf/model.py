@@ -220,14 +220,22 @@ def _match_efficientnet_imagenet_scaling(backbone: keras.Model) -> None:
 
 
 def _small_cnn(crop_size: int, filters, name: str) -> keras.Model:
-    """Compact VGG-style CNN (no BatchNorm) for CPU training and tablets; input 0-255."""
+    """Compact VGG-style CNN (conv-BatchNorm-ReLU) for CPU training and tablets; input 0-255.
+
+    BatchNorm is right here (unlike in the localiser): trained from scratch on the demo's 1,200
+    level crops, the same network without it sat at the class prior for 12 epochs, while with it
+    the validation loss halved (0.26 -> 0.125) in the same 12 epochs.
+    """
     inputs = keras.Input((crop_size, crop_size, 3), name="crop")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     for block, n_filters in enumerate(filters, start=1):
         if block > 1:
             x = layers.MaxPooling2D(2, name=f"block{block - 1}_pool")(x)
-        x = layers.Conv2D(n_filters, 3, padding="same", activation="relu", name=f"block{block}_conv1")(x)
-        x = layers.Conv2D(n_filters, 3, padding="same", activation="relu", name=f"block{block}_conv2")(x)
+        for conv in (1, 2):
+            prefix = f"block{block}_conv{conv}"
+            x = layers.Conv2D(n_filters, 3, padding="same", use_bias=False, name=prefix)(x)
+            x = layers.BatchNormalization(name=f"{prefix}_bn")(x)
+            x = layers.Activation("relu", name=f"{prefix}_relu")(x)
     return keras.Model(inputs, x, name=name)
 
 

@@ -154,6 +154,8 @@ def resolve_model(path) -> tuple[str, Path]:
         return "saved_model", _newest_version(models[0])
     if len(models) > 1:
         raise ModelLoadError(f"{path}: holds several models ({', '.join(m.name for m in models)}); name one")
+    if (path / "config.yaml").exists():
+        raise ModelLoadError(f"{path}: no model.keras in this run folder (is the run finished?)")
     raise ModelLoadError(f"{path}: not a run folder, SavedModel or export folder")
 
 

@@ -60,6 +60,14 @@ def test_predictions_json_has_the_output_contract(explained, phantom_dir):
         assert cell["grade"] == int(np.argmax(cell["grade_probs"]))
 
 
+def test_predictions_json_is_what_predict_writes(explained, tiny_run, phantom_dir, tmp_path):
+    predict = pytest.importorskip("lumbar_tf.predict")
+    predict.predict_study_with_model(tiny_run, _first_study(phantom_dir), tmp_path)
+    theirs = json.loads((tmp_path / "predictions.json").read_text())
+    ours = json.loads(explained["paths"]["predictions"].read_text())
+    assert ours == theirs
+
+
 def test_grid_numbers_equal_predictions_json(explained):
     preds = json.loads(explained["paths"]["predictions"].read_text())
     grid = heatmaps.severity_grid(preds)
@@ -147,7 +155,7 @@ def test_report_is_self_contained(explained):
     assert page.count("<tr class='g") == 25
     assert page.count("src='data:image/png;base64,") == 7
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    assert explained["predictions"]["model"]["version"] in page
+    assert explain.file_fingerprint(explained["model_path"]) in page
     assert "spine_crop_mm" in page and "crop_mm" in page  # preprocessing metadata
     assert "P(grade \u2265 2)" in page
 
@@ -374,7 +382,9 @@ def test_demo_model_gradcam_peaks_at_severe_canal_stenosis(tmp_path_factory, mon
     assert ys == sorted(ys), "levels not top to bottom"
     canal = L.CONDITIONS.index("spinal_canal_stenosis")
     severity = heatmaps.severity_grid(preds)
-    assert np.unravel_index(np.argmax(severity), severity.shape) == (canal, 3), severity.round(2)
+    # The model itself finds the stenosed level (the recesses narrow a little with the canal in the
+    # phantom, so only the canal row is compared).
+    assert int(np.argmax(severity[canal])) == 3, severity.round(2)
 
     with open(root / "train_label_coordinates.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

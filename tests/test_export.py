@@ -129,7 +129,9 @@ def test_saved_model_stores_each_weight_once(export_dir, keras_model):
     """keras-team/keras#23553: ExportArchive.track() would store every weight twice."""
     import tensorflow as tf
 
-    reader = tf.train.load_checkpoint(str(export_dir / "saved_model" / NAME / "1" / "variables" / "variables"))
+    reader = tf.train.load_checkpoint(
+        str(export_dir / "saved_model" / NAME / "1" / "variables" / "variables")
+    )
     shapes = reader.get_variable_to_shape_map()
     stored = sum(int(np.prod(shape)) for key, shape in shapes.items() if "VARIABLE_VALUE" in key)
     assert stored == keras_model.model.count_params()
@@ -168,6 +170,9 @@ def test_report_has_sizes_differences_and_auc(report, export_dir):
     assert report["saved_model"]["max_abs_diff"]["threshold_probs"] < 1e-5
     evaluation = report["evaluation"]
     assert evaluation["n_studies"] >= 1 and evaluation["keras_macro_roc_auc"] is not None
+    assert evaluation["auc_loss_floor"]["max_loss"] == 0.01
+    assert set(evaluation["auc_loss_floor"]["met"]) == {"float32", "float16", "dynamic", "int8"}
+    assert report["keras"]["size_bytes"] > 0
     for variant in ("float32", "float16", "dynamic", "int8"):
         info = report["tflite"][variant]
         assert Path(info["path"]) == export_dir / "tflite" / f"{NAME}_{variant}.tflite"
@@ -179,6 +184,7 @@ def test_report_has_sizes_differences_and_auc(report, export_dir):
         )
         assert not any("Flex" in op for op in info["ops"])
     assert report["tflite"]["float32"]["max_abs_diff"]["threshold_probs"] < 1e-4
+    assert report["tflite"]["int8"]["float_tail"] is True  # grader head kept float32 (see export.py)
     sizes = {v: report["tflite"][v]["size_bytes"] for v in report["tflite"]}
     assert sizes["float16"] < sizes["float32"] and sizes["dynamic"] < sizes["float16"]
 

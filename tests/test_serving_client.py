@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from dicom_factory import SeriesSpec, write_study
+from tests.dicom_factory import SeriesSpec, write_study
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
-from serving_fixtures import (
+from tests.serving_fixtures import (
     OUTPUT_SHAPES,
     VIEW_NAMES,
     ModelRepository,

@@ -1,0 +1,94 @@
+"""The command line: one-line errors with exit status 2 for bad input, no traceback."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lumbar_tf.data import read_index
+
+
+def run_cli(*args, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lumbar_tf.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_lists_every_command():
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for command in ("synth", "prepare", "picture", "train", "evaluate", "predict", "explain", "export", "demo"):
+        assert command in out
+
+
+def test_picture_of_a_study(phantom_dir, tmp_path):
+    sid = read_index(phantom_dir).study_ids[0]
+    code, out, err = run_cli("picture", "--data", phantom_dir, "--study-id", sid, "--out", tmp_path / "p.png")
+    assert code == 0, err
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_dicom", "sizes", "no_pixels"])
+def test_single_study_command_reports_bad_file_in_one_line(phantom_dir, tmp_path, damage):
+    import pydicom
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    sid = read_index(data).study_ids[0]
+    series = sorted((data / "train_images" / sid).iterdir())[0]
+    victim = sorted(series.glob("*.dcm"))[0]
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:400])
+    elif damage == "not_dicom":
+        victim.write_text("hello")
+    elif damage == "sizes":
+        ds = pydicom.dcmread(victim)
+        ds.Rows, ds.Columns = 8, 8
+        ds.PixelData = b"\0" * 128
+        ds.save_as(victim)
+    else:
+        ds = pydicom.dcmread(victim)
+        del ds.PixelData
+        ds.save_as(victim)
+    code, _, err = run_cli("picture", "--data", data, "--study-id", sid, "--out", tmp_path / "p.png")
+    assert_one_line_error(code, err, str(series))
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_study_id_that_escapes_is_refused(phantom_dir, tmp_path):
+    code, _, err = run_cli("picture", "--data", phantom_dir, "--study-id", "../../etc", "--out", tmp_path / "p.png")
+    assert_one_line_error(code, err, "not a plain integer")
+
+
+def test_bad_config_key_is_named(phantom_dir, tmp_path):
+    code, _, err = run_cli("train", "--data", phantom_dir, "--out", tmp_path / "run", "train.grader.epoch=3")
+    assert_one_line_error(code, err, "train.grader.epoch")
+
+
+def test_finished_run_is_refused(phantom_dir, tiny_run):
+    code, _, err = run_cli("train", "--data", phantom_dir, "--out", tiny_run)
+    assert_one_line_error(code, err, "finished run", "--overwrite")
+
+
+def test_missing_weights_file_is_named(phantom_dir, phantom_cache, tmp_path):
+    code, _, err = run_cli(
+        "train", "--data", phantom_dir, "--out", tmp_path / "run", "--cache", phantom_cache,
+        "--weights", tmp_path / "nope.weights.h5", "--stage", "grader",
+        "preprocess.view_size=64", "preprocess.crop_size=32", "model.localizer_size=64",
+    )
+    assert code == 2, err
+    assert "nope.weights.h5" in err and "Traceback" not in err
