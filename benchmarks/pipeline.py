@@ -28,7 +28,11 @@ def bare_baseline(data_dir: Path, series_names=("Sagittal T2/STIR", "Sagittal T1
     import csv
 
     with open(data_dir / "train_series_descriptions.csv") as handle:
-        wanted = {(r["study_id"], r["series_id"]) for r in csv.DictReader(handle) if r["series_description"] in series_names}
+        wanted = {
+            (r["study_id"], r["series_id"])
+            for r in csv.DictReader(handle)
+            if r["series_description"] in series_names
+        }
     start = time.perf_counter()
     for study_id, series_id in sorted(wanted):
         for path in sorted((data_dir / "train_images" / study_id / series_id).glob("*.dcm")):
@@ -37,7 +41,9 @@ def bare_baseline(data_dir: Path, series_names=("Sagittal T2/STIR", "Sagittal T1
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--studies", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("pipeline_results.json"))

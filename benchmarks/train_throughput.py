@@ -65,14 +65,18 @@ def device_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="small_cnn")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--policies", default="float32,mixed_float16")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("train_throughput_results.jsonl"))
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).with_name("train_throughput_results.jsonl")
+    )
     args = parser.parse_args()
 
     import keras

@@ -7,6 +7,7 @@ failures exit 1. ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -34,10 +35,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         ("lumbar_tf.serving_client", "ServingError"),
         ("lumbar_tf.inference", "ModelLoadError"),
     ):
-        try:
+        with contextlib.suppress(ImportError, AttributeError):
             errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
     return tuple(errors)
 
 
@@ -177,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fold",
         type=int,
         default=None,
-        help="evaluate the run's validation fold of DATA (default: all studies when DATA is not the training data)",
+        help="evaluate this fold of the run's split (default: the validation fold when DATA is the "
+        "training data, else every study of DATA)",
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # one line, no traceback: the contract of DESIGN.md
         bad_input = isinstance(exc, _bad_input_errors())
+        # An unreachable or overloaded server is not the user's input being wrong.
+        if getattr(exc, "code", None) in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"):
+            bad_input = False
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         if not bad_input:
             message = f"{exc.__class__.__name__}: {message}"

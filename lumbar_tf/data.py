@@ -114,7 +114,9 @@ def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
             raw_id = str(row.get("study_id", ""))
             try:
                 sid = check_study_id(raw_id, label_path.name)
-                studies[sid] = StudyLabels(sid, _grades_from_row(row, L.parse_rsna_severity, label_path), False)
+                studies[sid] = StudyLabels(
+                    sid, _grades_from_row(row, L.parse_rsna_severity, label_path), False
+                )
             except DatasetError as exc:
                 add_problem(raw_id, str(exc))
     if grades_path.exists():
@@ -259,7 +261,9 @@ def _init_worker(index: DatasetIndex, cfg: PreprocessConfig) -> None:
 def _prepare_in_worker(study_id: str):
     index, cfg = _WORKER_STATE["index"], _WORKER_STATE["cfg"]
     try:
-        record = prepare_study(index.images_dir, index.studies.get(study_id), study_id, index.descriptions, cfg)
+        record = prepare_study(
+            index.images_dir, index.studies.get(study_id), study_id, index.descriptions, cfg
+        )
         return study_id, record, None
     except (DicomError, DatasetError, L.LabelError) as exc:
         return study_id, None, str(exc)
@@ -287,8 +291,12 @@ def prepare_cache(
     index = read_index(data_dir, split)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    wanted = study_ids if study_ids is not None else sorted(
-        {p.name for p in index.images_dir.iterdir() if p.is_dir()} | set(index.studies), key=_sort_key
+    wanted = (
+        study_ids
+        if study_ids is not None
+        else sorted(
+            {p.name for p in index.images_dir.iterdir() if p.is_dir()} | set(index.studies), key=_sort_key
+        )
     )
     skipped: dict[str, str] = {}
     todo = []
@@ -329,7 +337,9 @@ def prepare_cache(
         for writer in writers:
             writer.close()
     if not kept:
-        raise DatasetError(f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / SKIPPED})")
+        raise DatasetError(
+            f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / SKIPPED})"
+        )
 
     _write_skipped(cache / SKIPPED, skipped)
     manifest = {
@@ -471,9 +481,7 @@ def localizer_dataset(
             px = (xy * size - 0.5) / (size - 1)  # pixel-centre coordinates in [0, 1]
             px = (px - tf.stack([x0, y0])) / scale
             xy = (px * (size - 1) + 0.5) / size
-        present = r["level_present"] * tf.cast(
-            tf.reduce_all((xy > 0.0) & (xy < 1.0), axis=-1), tf.float32
-        )
+        present = r["level_present"] * tf.cast(tf.reduce_all((xy > 0.0) & (xy < 1.0), axis=-1), tf.float32)
         return image, tf.concat([xy, present[:, None]], axis=-1)
 
     ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=training)
@@ -521,7 +529,11 @@ def grader_dataset(
         known_fine = tf.cast(g >= 0, tf.float32)
         known = tf.cast(g != L.UNKNOWN, tf.float32)
         targets = tf.stack(
-            [tf.cast(g >= 1, tf.float32) * known_fine, tf.cast(g >= 2, tf.float32), tf.cast(g >= 3, tf.float32)],
+            [
+                tf.cast(g >= 1, tf.float32) * known_fine,
+                tf.cast(g >= 2, tf.float32),
+                tf.cast(g >= 3, tf.float32),
+            ],
             axis=-1,
         )
         mask = tf.stack([known_fine, known, known], axis=-1)

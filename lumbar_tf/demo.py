@@ -57,10 +57,33 @@ def run_demo(args) -> int:
 
 def _export_and_predict(run: Path, holdout: Path, study_id: str, out: Path) -> None:
     """Export, predict one held-out study through SavedModel and int8 TFLite, and explain it."""
-    try:
-        from lumbar_tf.export import export_model
-    except ImportError:
-        return  # export arrives with the export issue
-    t = _step("export SavedModel and TFLite")
-    export_model(run, out / "export", data_dir=holdout)
+    from lumbar_tf.explain import explain_study
+    from lumbar_tf.export import export_model
+    from lumbar_tf.predict import predict_study_with_model
+
+    t = _step("export SavedModel and TFLite (float32, float16, dynamic, int8)")
+    report = export_model(run, out / "export", data_dir=holdout, metrics=out / "eval" / "metrics.json")
+    evaluation = report.get("evaluation") or {}
+    for variant, result in (evaluation.get("tflite") or {}).items():
+        delta = result.get("delta_vs_keras")
+        print(f"  {variant:>8}: held-out macro ROC-AUC {result['macro_roc_auc']:.4f} (vs Keras {delta:+.4f})")
+    print(f"done in {time.perf_counter() - t:.0f} s; report: {out / 'export' / 'export_report.json'}")
+
+    study = holdout / "train_images" / study_id
+    t = _step(f"predict held-out study {study_id} through the SavedModel and the int8 TFLite model")
+    saved = predict_study_with_model(out / "export", study, out / "predict_saved_model")
+    int8 = predict_study_with_model(
+        out / "export" / "tflite" / "lumbar_spine_int8.tflite", study, out / "predict_int8"
+    )
+    for name, preds in (("SavedModel", saved), ("int8 TFLite", int8)):
+        worst = max(preds["cells"], key=lambda c: (c["grade"], c["grade_probs"][c["grade"]]))
+        print(
+            f"{name:>12}: worst cell {worst['condition']} {worst['level']} "
+            f"grade {worst['grade']} (p={worst['grade_probs'][worst['grade']]:.2f})"
+        )
+    print(f"done in {time.perf_counter() - t:.0f} s")
+
+    t = _step(f"explain held-out study {study_id} (heatmaps, Grad-CAM, HTML report)")
+    result = explain_study(run, study, out / "report")
+    print(f"report: {result['report']}")
     print(f"done in {time.perf_counter() - t:.0f} s")

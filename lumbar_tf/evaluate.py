@@ -18,7 +18,9 @@ from lumbar_tf.inference import load_model
 from lumbar_tf.metrics import compute_metrics, prior_threshold_probs_from_grades
 
 
-def _studies_to_evaluate(loaded, data_dir: Path, manifest: dict, split_fold: int | None) -> tuple[list[str], str]:
+def _studies_to_evaluate(
+    loaded, data_dir: Path, manifest: dict, split_fold: int | None
+) -> tuple[list[str], str]:
     """Held-out studies: the run's validation fold when DATA is its training data, else all."""
     run = loaded.run_dir
     split_path = run / "split.json" if run else None

@@ -116,12 +116,8 @@ def encode_grades(grades: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     grades = np.asarray(grades, dtype=np.int64)
     known_fine = grades >= 0
-    targets = np.stack(
-        [(grades >= 1) & known_fine, grades >= 2, grades >= 3], axis=-1
-    ).astype(np.float32)
-    mask = np.stack(
-        [known_fine, grades != UNKNOWN, grades != UNKNOWN], axis=-1
-    ).astype(np.float32)
+    targets = np.stack([(grades >= 1) & known_fine, grades >= 2, grades >= 3], axis=-1).astype(np.float32)
+    mask = np.stack([known_fine, grades != UNKNOWN, grades != UNKNOWN], axis=-1).astype(np.float32)
     return targets * mask, mask
 
 

@@ -60,14 +60,18 @@ def save_study_picture(data_dir, study_id: str, out_path) -> Path:
                 if row["series_id"] == series.series_id and row["instance_number"] == instance:
                     ax.plot(row["x"], row["y"], "r+", markersize=8)
                     if row["condition"] == "spinal_canal_stenosis":
-                        ax.text(row["x"] + 6, row["y"], L.LEVEL_TITLES[row["level"]], color="yellow", fontsize=7)
+                        ax.text(
+                            row["x"] + 6, row["y"], L.LEVEL_TITLES[row["level"]], color="yellow", fontsize=7
+                        )
     ax = fig.add_subplot(grid[0, -1])
     ax.axis("off")
     if labels is not None:
         short = {-1: "?", -2: "N/M", 0: "none", 1: "mild", 2: "MOD", 3: "SEV"}
         cells = [[short[int(g)] for g in labels.grades[ci]] for ci in range(L.N_CONDITIONS)]
         names = ["canal", "L foramen", "R foramen", "L subartic.", "R subartic."]
-        table = ax.table(cells, rowLabels=names, colLabels=[L.LEVEL_TITLES[lv] for lv in L.LEVELS], loc="center")
+        table = ax.table(
+            cells, rowLabels=names, colLabels=[L.LEVEL_TITLES[lv] for lv in L.LEVELS], loc="center"
+        )
         table.auto_set_font_size(False)
         table.set_fontsize(8)
         ax.set_title(f"grades of study {sid}", fontsize=9)

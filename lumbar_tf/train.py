@@ -139,7 +139,9 @@ def _usable_split(manifest: dict, cfg: Config, cache_dir: Path) -> tuple[list[st
     val = [s for s in labelled if folds[s] == cfg.train.val_fold]
     train = [s for s in labelled if folds[s] != cfg.train.val_fold]
     if not val or not train:
-        raise DatasetError(f"{cache_dir}: too few labelled studies ({len(labelled)}) for {cfg.train.folds} folds")
+        raise DatasetError(
+            f"{cache_dir}: too few labelled studies ({len(labelled)}) for {cfg.train.folds} folds"
+        )
     return train, val, folds
 
 
@@ -193,7 +195,13 @@ def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_ca
     steps = math.ceil(n_levels / stage.batch_size)
     p = cfg.preprocess
     train_ds = grader_dataset(
-        cache, p, train_ids, batch_size=stage.batch_size, training=True, jitter_mm=jitter_mm, seed=cfg.train.seed
+        cache,
+        p,
+        train_ids,
+        batch_size=stage.batch_size,
+        training=True,
+        jitter_mm=jitter_mm,
+        seed=cfg.train.seed,
     )
     val_ds = grader_dataset(cache, p, val_ids, batch_size=stage.batch_size, training=False)
     with distribution_scope():
@@ -248,10 +256,15 @@ def train(
     overrides = list(overrides)
     if weights is not None:
         overrides.append(f"model.weights={'null' if weights.lower() == 'none' else weights}")
-    if resume:
-        cfg = load_config(run / "config.yaml", overrides)
-    else:
-        cfg = load_config(config_path, overrides)
+    # A resumed run keeps its own resolved config; overrides still apply on top.
+    cfg = load_config(run / "config.yaml" if resume else config_path, overrides)
+    weights_file = cfg.model.weights
+    if weights_file not in (None, "imagenet") and not Path(weights_file).is_file():
+        from lumbar_tf.model import WeightsError
+
+        raise WeightsError(f"{weights_file}: weights file not found")
+    if stage == "grader" and not (run / "localizer.keras").exists():
+        raise RunFolderError(f"{run}: no localizer.keras yet (train it first with --stage localizer)")
     save_config(cfg, run / "config.yaml")
     policy = configure_precision(cfg.train.mixed_precision)
     keras.utils.set_random_seed(cfg.train.seed)

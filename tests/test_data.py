@@ -90,19 +90,19 @@ def _damage(root, index):
     # 2: a missing series (drop every sagittal T1)
     sag_t1 = {
         r["series_id"]
-        for r in csv.DictReader(open(root / "train_series_descriptions.csv"))
+        for r in _read(root / "train_series_descriptions.csv")
         if r["series_description"] == "Sagittal T1" and r["study_id"] == ids[2]
     }
     shutil.rmtree(images / ids[2] / sag_t1.pop())
     # 3: unknown severity string, 4: unknown condition in the coordinates
-    rows = list(csv.DictReader(open(root / "train.csv")))
+    rows = _read(root / "train.csv")
     for r in rows:
         if r["study_id"] == ids[3]:
             r[L.LABEL_COLUMNS[0]] = "Sever"
     _write(root / "train.csv", rows)
-    grade_rows = [r for r in csv.DictReader(open(root / "train_grades.csv")) if r["study_id"] != ids[3]]
+    grade_rows = [r for r in _read(root / "train_grades.csv") if r["study_id"] != ids[3]]
     _write(root / "train_grades.csv", grade_rows)
-    coords = list(csv.DictReader(open(root / "train_label_coordinates.csv")))
+    coords = _read(root / "train_label_coordinates.csv")
     for r in coords:
         if r["study_id"] == ids[4]:
             r["condition"] = "Spinal Stenosis Of Doom"
@@ -110,10 +110,15 @@ def _damage(root, index):
     # 5: a study_id that would escape the images folder; 6: one that is not an integer
     coords.append({**coords[0], "study_id": "../../etc"})
     _write(root / "train_label_coordinates.csv", coords)
-    rows = list(csv.DictReader(open(root / "train.csv")))
+    rows = _read(root / "train.csv")
     rows.append({**rows[0], "study_id": "12ab"})
     _write(root / "train.csv", rows)
     return ids
+
+
+def _read(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _write(path, rows):

@@ -17,18 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from tests.dicom_factory import SeriesSpec, write_study
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
-from tests.serving_fixtures import (
-    OUTPUT_SHAPES,
-    VIEW_NAMES,
-    ModelRepository,
-    build_tiny_saved_model,
-    free_port,
-    grpc_server,
-    random_views,
-    rest_server,
-)
 from tensorflow_serving.config import model_server_config_pb2
 
 from lumbar_tf import labels
@@ -52,6 +41,17 @@ from lumbar_tf.serving_client import (
     prepare_views,
     preprocess_config_from_metadata,
     tensor_proto_to_ndarray,
+)
+from tests.dicom_factory import SeriesSpec, write_study
+from tests.serving_fixtures import (
+    OUTPUT_SHAPES,
+    VIEW_NAMES,
+    ModelRepository,
+    build_tiny_saved_model,
+    free_port,
+    grpc_server,
+    random_views,
+    rest_server,
 )
 
 REPO = Path(__file__).resolve().parents[1]
