@@ -34,6 +34,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         ("lumbar_tf.export", "ExportError"),
         ("lumbar_tf.serving_client", "ServingError"),
         ("lumbar_tf.inference", "ModelLoadError"),
+        ("lumbar_tf.explain", "ExplainError"),
     ):
         with contextlib.suppress(ImportError, AttributeError):
             errors.append(getattr(__import__(module, fromlist=[name]), name))

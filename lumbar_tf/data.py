@@ -202,7 +202,8 @@ def prepare_study(
 ) -> dict:
     """Decode one study into model-ready views plus its targets (raises DicomError/DatasetError)."""
     study_dir = images_dir / check_study_id(study_id, str(images_dir))
-    study = read_study(study_dir, descriptions.get(study_id))
+    wanted = {spec.series_description for spec in cfg.views}
+    study = read_study(study_dir, descriptions.get(study_id), only=wanted)
     if require_all_views:
         # Training data must be complete: a zeroed view would teach the grader that anatomy is absent.
         for spec in cfg.views:

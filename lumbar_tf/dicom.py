@@ -26,6 +26,7 @@ import re
 import struct
 import warnings
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -538,7 +539,9 @@ def read_series(folder: str | Path, series_id: str | None = None) -> list[Series
     return out
 
 
-def read_study(study_dir: str | Path, descriptions: dict[str, str] | None = None) -> Study:
+def read_study(
+    study_dir: str | Path, descriptions: dict[str, str] | None = None, only: Iterable[str] | None = None
+) -> Study:
     """Read every series' headers in ``study_dir`` (no pixels).
 
     Args:
@@ -546,6 +549,10 @@ def read_study(study_dir: str | Path, descriptions: dict[str, str] | None = None
             grouped by SeriesInstanceUID).
         descriptions: ``series_id -> series description`` for this study (from the RSNA CSV,
             see `read_series_descriptions`); series not in it are typed from their headers.
+
+        only: series descriptions wanted; a series folder that the CSV types as something else is
+            not opened at all (saves reading e.g. the axial headers when only sagittal views are
+            needed). Folders the CSV does not know are always read.
 
     A missing series is not an error: the Study just lacks it.
     """
@@ -559,7 +566,11 @@ def read_study(study_dir: str | Path, descriptions: dict[str, str] | None = None
     warn: list[str] = []
     folders = [study_dir] + sorted(p for p in study_dir.iterdir() if p.is_dir())
     folders = [p for p in folders if not p.name.startswith(".")]
+    wanted = set(only) if only is not None else None
     for folder in sorted(folders, key=lambda p: _series_sort_key(p.name)):
+        known = descriptions.get(folder.name)
+        if wanted is not None and folder != study_dir and known is not None and known not in wanted:
+            continue
         series_list = read_series(folder, None if folder == study_dir else folder.name)
         if not series_list and folder != study_dir:
             warn.append(f"{folder}: no DICOM files; ignored")
