@@ -85,5 +85,5 @@ def _export_and_predict(run: Path, holdout: Path, study_id: str, out: Path) -> N
 
     t = _step(f"explain held-out study {study_id} (heatmaps, Grad-CAM, HTML report)")
     result = explain_study(run, study, out / "report")
-    print(f"report: {result['report']}")
+    print(f"report: {result['paths']['report']}")
     print(f"done in {time.perf_counter() - t:.0f} s")

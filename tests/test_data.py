@@ -81,7 +81,13 @@ def _damage(root, index):
     """Seven studies, seven different kinds of damage."""
     ids = index.study_ids
     images = root / "train_images"
-    series_of = {sid: sorted((images / sid).iterdir()) for sid in ids}
+    # Damage the Sagittal T2/STIR series: the views read it (an unused axial series is never opened).
+    sag_t2 = {
+        r["study_id"]: r["series_id"]
+        for r in _read(root / "train_series_descriptions.csv")
+        if r["series_description"] == "Sagittal T2/STIR"
+    }
+    series_of = {sid: [images / sid / sag_t2[sid]] for sid in ids}
     # 0: truncated DICOM
     victim = sorted(series_of[ids[0]][0].glob("*.dcm"))[0]
     victim.write_bytes(victim.read_bytes()[:300])
