@@ -58,3 +58,23 @@ def tiny_run(phantom_dir, phantom_cache, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run") / "run"
     return train(phantom_dir, run, overrides=TINY_OVERRIDES, cache_dir=phantom_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, phantom_cache, phantom_dir):
+    """The tiny run exported once per session: SavedModel, four TFLite variants, held-out AUC."""
+    from pathlib import Path
+
+    from lumbar_tf.export import export_model
+
+    out = Path(tiny_run).parent / "shared_export"
+    if not (out / "export_report.json").exists():
+        export_model(
+            tiny_run,
+            out,
+            cache_dir=phantom_cache,
+            data_dir=phantom_dir,
+            representative_size=6,
+            progress=False,
+        )
+    return out

@@ -1,7 +1,7 @@
 """`lumbar-tf export`: SavedModel contract, metadata, TFLite variants, atomic versions, bad input.
 
-One export of the session's tiny run is shared by test_export, test_edge and test_predict (memoised on
-disk beside the run, see `shared_export`); tests that need their own export write a SavedModel only.
+One export of the session's tiny run is shared by test_export, test_edge and test_predict (the
+`tiny_export` fixture in conftest.py); tests that need their own export write a SavedModel only.
 """
 
 from __future__ import annotations
@@ -22,26 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "lumbar_spine"
 
 
-def shared_export(tiny_run, phantom_cache, phantom_dir) -> Path:
-    """Export the tiny run once per session (all four TFLite variants, held-out AUC on the phantoms)."""
-    out = Path(tiny_run).parent / "shared_export"
-    if not (out / "export_report.json").exists():
-        from lumbar_tf.export import export_model
-
-        export_model(
-            tiny_run,
-            out,
-            cache_dir=phantom_cache,
-            data_dir=phantom_dir,
-            representative_size=6,
-            progress=False,
-        )
-    return out
-
-
 @pytest.fixture(scope="module")
-def export_dir(tiny_run, phantom_cache, phantom_dir):
-    return shared_export(tiny_run, phantom_cache, phantom_dir)
+def export_dir(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

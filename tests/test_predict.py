@@ -19,26 +19,9 @@ from lumbar_tf import labels
 NAME = "lumbar_spine"
 
 
-def shared_export(tiny_run, phantom_cache, phantom_dir) -> Path:
-    """The session's one export of the tiny run (memoised on disk; see tests/test_export.py)."""
-    out = Path(tiny_run).parent / "shared_export"
-    if not (out / "export_report.json").exists():
-        from lumbar_tf.export import export_model
-
-        export_model(
-            tiny_run,
-            out,
-            cache_dir=phantom_cache,
-            data_dir=phantom_dir,
-            representative_size=6,
-            progress=False,
-        )
-    return out
-
-
 @pytest.fixture(scope="module")
-def export_dir(tiny_run, phantom_cache, phantom_dir):
-    return shared_export(tiny_run, phantom_cache, phantom_dir)
+def export_dir(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
