@@ -7,6 +7,7 @@ Measures, in one run on the same phantom studies:
   * lumbar-tf prepare: headers only for geometry, decode just the slices the views need, in a
     2-process pool, normalise/CLAHE/resample, write TFRecords;
   * first epoch = prepare + one tf.data pass from disk; cached epoch = a later pass (in-memory cache).
+Runs on the phantom as synthesised and on a copy with RSNA-sized slices (--rsna-factor).
 Quotes medians over repeats and the ratios.
 """
 
@@ -40,52 +41,99 @@ def bare_baseline(data_dir: Path, series_names=("Sagittal T2/STIR", "Sagittal T1
     return time.perf_counter() - start
 
 
+def rsna_sized_copy(src: Path, dst: Path, factor: float) -> Path:
+    """Copy an RSNA-layout folder with every slice resampled ``factor``x finer (geometry kept exact).
+
+    Phantom slices are 160-224 px; RSNA sagittal slices are ~384-512 px at ~0.6 mm. The finer copy
+    shows how the two paths scale when decoding, not header parsing, is the cost.
+    """
+    import cv2
+    import numpy as np
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.dcm"))
+    for path in sorted(src.glob("train_images/*/*/*.dcm")):
+        ds = pydicom.dcmread(path)
+        rows, cols = int(ds.Rows * factor), int(ds.Columns * factor)
+        source = ds.pixel_array
+        pixels = cv2.resize(source, (cols, rows), interpolation=cv2.INTER_LINEAR).astype(source.dtype)
+        # Pixel centres of the new grid: the first one moves half a new pixel towards the old corner.
+        r_mm, c_mm = (float(v) for v in ds.PixelSpacing)
+        new_r, new_c = r_mm * ds.Rows / rows, c_mm * ds.Columns / cols
+        iop = np.array(ds.ImageOrientationPatient, float)
+        ipp = np.array(ds.ImagePositionPatient, float)
+        ipp = ipp + iop[:3] * (new_c - c_mm) / 2 + iop[3:] * (new_r - r_mm) / 2
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
+        ds.PixelSpacing = [f"{new_r:.6f}", f"{new_c:.6f}"]
+        ds.Rows, ds.Columns = rows, cols
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out)
+    return dst
+
+
+def measure(data: Path, cfg, repeats: int, work: Path, tag: str) -> dict:
+    """Baseline vs prepare vs cached epochs on one dataset; medians over repeats."""
+    from lumbar_tf.data import localizer_dataset, prepare_cache
+
+    baseline, prepared, first_epoch, cached_epoch = [], [], [], []
+    n = 0
+    for r in range(repeats):
+        baseline.append(bare_baseline(data))
+        cache = work / f"cache-{tag}-{r}"
+        t = time.perf_counter()
+        manifest = prepare_cache(data, cache, cfg, workers=2, progress=False)
+        prepared.append(time.perf_counter() - t)
+        ids = manifest["study_ids"]
+        n = len(ids)
+        ds = localizer_dataset(cache, cfg, ids, batch_size=8, training=False)
+        t = time.perf_counter()
+        for _ in ds:
+            pass
+        # The first epoch decodes the DICOM (prepare) and reads the shards from disk.
+        first_epoch.append(prepared[-1] + time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in ds:
+            pass
+        cached_epoch.append(time.perf_counter() - t)
+    return {
+        "studies": n,
+        "baseline_studies_per_s": n / statistics.median(baseline),
+        "prepare_studies_per_s": n / statistics.median(prepared),
+        "speedup_vs_baseline": statistics.median(baseline) / statistics.median(prepared),
+        "first_epoch_s": statistics.median(first_epoch),
+        "cached_epoch_s": statistics.median(cached_epoch),
+        "cached_epoch_speedup": statistics.median(first_epoch) / statistics.median(cached_epoch),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--studies", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rsna-factor",
+        type=float,
+        default=2.4,
+        help="also measure copies with slices this much finer (1 = off)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("pipeline_results.json"))
     args = parser.parse_args()
 
     from lumbar_tf.config import PreprocessConfig
-    from lumbar_tf.data import localizer_dataset, prepare_cache
     from lumbar_tf.synthetic import synthesize_dataset
 
     cfg = PreprocessConfig()
     work = Path(tempfile.mkdtemp(prefix="lumbar_bench_"))
     try:
         data = synthesize_dataset(work / "data", args.studies, seed=123)
-        baseline, prepared, first_epoch, cached_epoch = [], [], [], []
-        for r in range(args.repeats):
-            baseline.append(bare_baseline(data))
-            cache = work / f"cache{r}"
-            t = time.perf_counter()
-            manifest = prepare_cache(data, cache, cfg, workers=2, progress=False)
-            prepared.append(time.perf_counter() - t)
-            ids = manifest["study_ids"]
-            ds = localizer_dataset(cache, cfg, ids, batch_size=8, training=False)
-            t = time.perf_counter()
-            for _ in ds:
-                pass
-            # The first epoch decodes the DICOM (prepare) and reads the shards from disk.
-            first_epoch.append(prepared[-1] + time.perf_counter() - t)
-            t = time.perf_counter()
-            for _ in ds:
-                pass
-            cached_epoch.append(time.perf_counter() - t)
-        n = args.studies
-        result = {
-            "studies": n,
-            "repeats": args.repeats,
-            "baseline_studies_per_s": n / statistics.median(baseline),
-            "prepare_studies_per_s": n / statistics.median(prepared),
-            "speedup_vs_baseline": statistics.median(baseline) / statistics.median(prepared),
-            "first_epoch_s": statistics.median(first_epoch),
-            "cached_epoch_s": statistics.median(cached_epoch),
-            "cached_epoch_speedup": statistics.median(first_epoch) / statistics.median(cached_epoch),
-        }
+        result = {"repeats": args.repeats, "phantom": measure(data, cfg, args.repeats, work, "phantom")}
+        if args.rsna_factor > 1:
+            big = rsna_sized_copy(data, work / "rsna_sized", args.rsna_factor)
+            result["rsna_sized"] = measure(big, cfg, args.repeats, work, "rsna")
+            result["rsna_sized"]["factor"] = args.rsna_factor
         print(json.dumps(result, indent=1))
         args.out.write_text(json.dumps(result, indent=1))
     finally:

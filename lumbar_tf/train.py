@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,17 @@ from lumbar_tf.data import (
 )
 
 FINISHED = "finished.json"
+
+
+def _fit(model, train_ds, **kwargs):
+    """model.fit without Keras' 'ran out of data' warning for finite validation sets.
+
+    Keras warns at the end of every validation pass whose length tf.data cannot know in advance
+    (the study filter hides the cardinality); the training set repeats forever and never runs out.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+        return model.fit(train_ds, shuffle=False, **kwargs)  # tf.data shuffles
 
 
 class RunFolderError(ValueError):
@@ -164,7 +176,8 @@ def _fit_localizer(run, cfg: Config, cache, train_ids, val_ids, extra_callbacks=
         model = build_localizer(cfg.preprocess.view_size, cfg.model)
         model.compile(optimizer=make_optimizer(stage, steps), loss=MaskedLevelLoss())
     keras.utils.set_random_seed(cfg.train.seed)
-    history = model.fit(
+    history = _fit(
+        model,
         train_ds,
         validation_data=val_ds,
         epochs=stage.epochs,
@@ -211,7 +224,8 @@ def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_ca
             loss=OrdinalFocalLoss.from_loss_config(cfg.train.loss),
         )
     keras.utils.set_random_seed(cfg.train.seed + 1)
-    history = model.fit(
+    history = _fit(
+        model,
         train_ds,
         validation_data=val_ds,
         epochs=stage.epochs,
@@ -307,8 +321,8 @@ def train(
         from lumbar_tf.pipeline_model import build_end_to_end
 
         end_to_end = build_end_to_end(
-            keras.models.load_model(run / "localizer.keras"),
-            keras.models.load_model(run / "grader.keras"),
+            keras.models.load_model(run / "localizer.keras", compile=False),
+            keras.models.load_model(run / "grader.keras", compile=False),
             cfg.preprocess,
         )
         end_to_end.save(run / "model.keras")
