@@ -163,3 +163,21 @@ def read_index_cfg():
     from lumbar_tf.config import PreprocessConfig
 
     return PreprocessConfig(view_size=32, crop_size=16)
+
+
+def test_series_the_views_do_not_use_are_never_opened(phantom_dir, tiny_config, tmp_path):
+    """Preparing reads only the sagittal series: a broken axial file does not cost the study."""
+    root = tmp_path / "data"
+    shutil.copytree(phantom_dir, root)
+    sid = read_index(root).study_ids[0]
+    axial = next(
+        r["series_id"]
+        for r in _read(root / "train_series_descriptions.csv")
+        if r["study_id"] == sid and r["series_description"] == "Axial T2"
+    )
+    for path in (root / "train_images" / sid / axial).glob("*.dcm"):
+        path.write_bytes(b"broken")
+    manifest = prepare_cache(
+        root, tmp_path / "cache", tiny_config.preprocess, progress=False, study_ids=[sid]
+    )
+    assert manifest["study_ids"] == [sid] and not manifest["skipped"]
