@@ -9,6 +9,7 @@ TF Serving client, TFLite edge runner), so the JSON a back-end receives never de
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -216,6 +217,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -248,15 +253,9 @@ def write_submission(path, rows) -> Path:
         if len(row) != len(SUBMISSION_HEADER):
             raise ValueError(f"submission row {row!r}: expected {len(SUBMISSION_HEADER)} fields")
         lines.append([str(row[0]), *(f"{float(v):.6f}" for v in row[1:])])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(SUBMISSION_HEADER)
-            writer.writerows(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUBMISSION_HEADER)
+    writer.writerows(lines)
+    _atomic_write_text(path, buffer.getvalue())
     return path
