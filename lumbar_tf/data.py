@@ -315,6 +315,8 @@ def prepare_cache(
 
     view_names = cfg.view_names
     n_shards = max(1, min(shards, len(todo)))
+    for stale in cache.glob("shard-*.tfrecord"):  # a re-prepared cache must not mix in old shards
+        stale.unlink()
     writers = [tf.io.TFRecordWriter(str(cache / f"shard-{i:03d}.tfrecord")) for i in range(n_shards)]
     kept: list[str] = []
     warnings: dict[str, list[str]] = {}

@@ -13,24 +13,26 @@ from pathlib import Path
 import numpy as np
 
 from lumbar_tf import labels as L
-from lumbar_tf.data import load_manifest, load_studies, prepare_cache
+from lumbar_tf.data import DatasetError, load_manifest, load_studies, prepare_cache
 from lumbar_tf.inference import load_model
 from lumbar_tf.metrics import compute_metrics, prior_threshold_probs_from_grades
 
 
+def _run_split(loaded) -> dict | None:
+    """The run's split.json (study -> fold, training data folder), or None for a bare model file."""
+    path = loaded.run_dir / "split.json" if loaded.run_dir else None
+    return json.loads(path.read_text()) if path and path.exists() else None
+
+
 def _studies_to_evaluate(
-    loaded, data_dir: Path, manifest: dict, split_fold: int | None
+    split: dict | None, same_data: bool, manifest: dict, split_fold: int | None
 ) -> tuple[list[str], str]:
     """Held-out studies: the run's validation fold when DATA is its training data, else all."""
-    run = loaded.run_dir
-    split_path = run / "split.json" if run else None
-    if split_path and split_path.exists():
-        split = json.loads(split_path.read_text())
-        same_data = Path(split.get("data_dir", "")) == data_dir.resolve()
-        if split_fold is not None or same_data:
-            fold = split["val_fold"] if split_fold is None else split_fold
-            ids = [s for s, f in split["folds"].items() if f == fold and s in set(manifest["study_ids"])]
-            return ids, f"fold {fold} of the training data (never trained on)"
+    if split is not None and (split_fold is not None or same_data):
+        fold = split["val_fold"] if split_fold is None else split_fold
+        cached = set(manifest["study_ids"])
+        ids = [s for s, f in split["folds"].items() if f == fold and s in cached]
+        return ids, f"fold {fold} of the training data (never trained on)"
     return list(manifest["study_ids"]), "every study of the data folder"
 
 
@@ -47,12 +49,19 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     cfg = loaded.preprocess
     data_dir, out = Path(data_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache_dir) if cache_dir else _default_cache(loaded, data_dir, out)
+    split = _run_split(loaded)
+    same_data = split is not None and Path(split.get("data_dir", "")) == data_dir.resolve()
+    if cache_dir:
+        cache = Path(cache_dir)
+    elif same_data and (loaded.run_dir / "cache").exists():
+        cache = loaded.run_dir / "cache"  # the run's own cache of this very data
+    else:
+        cache = out / "cache"
     try:
         manifest = load_manifest(cache, cfg)
-    except Exception:
+    except DatasetError:
         manifest = prepare_cache(data_dir, cache, cfg)
-    ids, which = _studies_to_evaluate(loaded, data_dir, manifest, split_fold)
+    ids, which = _studies_to_evaluate(split, same_data, manifest, split_fold)
     studies = load_studies(cache, cfg, ids)
     outputs = loaded.predict_views(studies["views"])
     prior, prior_source = _prior(loaded, studies["grades"])
@@ -66,16 +75,6 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _plots(outputs["threshold_probs"], studies["grades"], out, loaded.run_dir)
     return metrics
-
-
-def _default_cache(loaded, data_dir: Path, out: Path) -> Path:
-    """Reuse the run's cache when evaluating its own training data; else cache beside the results."""
-    run = loaded.run_dir
-    if run and (run / "split.json").exists():
-        split = json.loads((run / "split.json").read_text())
-        if Path(split.get("data_dir", "")) == data_dir.resolve() and (run / "cache").exists():
-            return run / "cache"
-    return out / "cache"
 
 
 # === Plots ===

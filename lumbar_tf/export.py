@@ -468,6 +468,17 @@ def _new_converter(edge_saved_model):
     return converter
 
 
+def _int8_converter(edge_saved_model, samples):
+    """A converter set up for full-integer quantization calibrated on ``samples``."""
+    import tensorflow as tf
+
+    converter = _new_converter(edge_saved_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: iter(samples)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter
+
+
 def _convert(converter) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the calibrator's tf.lite.Interpreter deprecation notice
@@ -487,10 +498,7 @@ def _int8_with_float_tail(edge_saved_model, samples) -> tuple[bytes, dict]:
     import tensorflow as tf
     from tensorflow.lite.python import convert as tflite_convert
 
-    converter = _new_converter(edge_saved_model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: iter(samples)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter = _int8_converter(edge_saved_model, samples)
     converter._experimental_calibrate_only = True
     calibrated = _convert(converter)
     nodes = _float_tail_nodes(calibrated)
@@ -526,10 +534,7 @@ def convert_tflite(edge_saved_model, variant: str, samples=None) -> tuple[bytes,
             content, notes = _int8_with_float_tail(edge_saved_model, samples)
         except (AttributeError, ImportError, LookupError, TypeError) as exc:
             notes = {"float_tail": False, "float_tail_error": f"{exc.__class__.__name__}: {exc}"[:300]}
-            converter = _new_converter(edge_saved_model)
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: iter(samples)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter = _int8_converter(edge_saved_model, samples)
             converter.inference_input_type = tf.float32
             converter.inference_output_type = tf.float32
             content = _convert(converter)

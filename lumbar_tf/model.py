@@ -177,13 +177,22 @@ def build_localizer(view_size: int, cfg: ModelConfig | None = None, name: str = 
 # === Backbones ===
 
 
-def _load_backbone_weights(backbone: keras.Model, path: str, backbone_name: str) -> None:
-    """Load a local weights file into the backbone or raise `WeightsError` naming the file."""
+def check_weights_file(path) -> Path:
+    """A local weights file that exists and has a weights suffix, or `WeightsError` naming it.
+
+    Cheap (no loading), so `train` calls it before spending minutes on the localiser.
+    """
     weights_path = Path(path)
     if not weights_path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     if not weights_path.name.endswith((".weights.h5", ".h5", ".hdf5", ".keras")):
         raise WeightsError(f"{path}: expected a .weights.h5, .h5 or .keras weights file")
+    return weights_path
+
+
+def _load_backbone_weights(backbone: keras.Model, path: str, backbone_name: str) -> None:
+    """Load a local weights file into the backbone or raise `WeightsError` naming the file."""
+    weights_path = check_weights_file(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

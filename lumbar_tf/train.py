@@ -272,11 +272,10 @@ def train(
         overrides.append(f"model.weights={'null' if weights.lower() == 'none' else weights}")
     # A resumed run keeps its own resolved config; overrides still apply on top.
     cfg = load_config(run / "config.yaml" if resume else config_path, overrides)
-    weights_file = cfg.model.weights
-    if weights_file not in (None, "imagenet") and not Path(weights_file).is_file():
-        from lumbar_tf.model import WeightsError
+    if cfg.model.weights not in (None, "imagenet"):
+        from lumbar_tf.model import check_weights_file
 
-        raise WeightsError(f"{weights_file}: weights file not found")
+        check_weights_file(cfg.model.weights)  # fail before the localiser trains, not after
     if stage == "grader" and not (run / "localizer.keras").exists():
         raise RunFolderError(f"{run}: no localizer.keras yet (train it first with --stage localizer)")
     save_config(cfg, run / "config.yaml")

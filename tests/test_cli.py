@@ -9,8 +9,6 @@ import pytest
 from lumbar_tf.data import read_index
 from tests.conftest import TINY_OVERRIDES
 
-TINY_CLI = TINY_OVERRIDES
-
 
 def run_cli(*args, timeout=300):
     proc = subprocess.run(
@@ -99,36 +97,23 @@ def test_finished_run_is_refused(phantom_dir, tiny_run):
     assert_one_line_error(code, err, "finished run", "--overwrite")
 
 
+def train_with_weights(phantom_dir, phantom_cache, tmp_path, weights, *overrides):
+    return run_cli(
+        "train", "--data", phantom_dir, "--out", tmp_path / "run", "--cache", phantom_cache,
+        "--weights", weights, *overrides,
+    )  # fmt: skip
+
+
 def test_missing_weights_file_is_named(phantom_dir, phantom_cache, tmp_path):
-    code, _, err = run_cli(
-        "train",
-        "--data",
-        phantom_dir,
-        "--out",
-        tmp_path / "run",
-        "--cache",
-        phantom_cache,
-        "--weights",
-        tmp_path / "nope.weights.h5",
-    )
+    code, _, err = train_with_weights(phantom_dir, phantom_cache, tmp_path, tmp_path / "nope.weights.h5")
     assert_one_line_error(code, err, "nope.weights.h5", "not found")
 
 
 def test_mismatching_weights_file_is_named(phantom_dir, phantom_cache, tmp_path):
     wrong = tmp_path / "wrong.weights.h5"
     wrong.write_bytes(b"this is not an HDF5 weights file")
-    code, _, err = run_cli(
-        "train",
-        "--data",
-        phantom_dir,
-        "--out",
-        tmp_path / "run",
-        "--cache",
-        phantom_cache,
-        "--weights",
-        wrong,
-        *TINY_CLI,
-        "train.localizer.epochs=1",
+    code, _, err = train_with_weights(
+        phantom_dir, phantom_cache, tmp_path, wrong, *TINY_OVERRIDES, "train.localizer.epochs=1"
     )
     assert_one_line_error(code, err, "wrong.weights.h5")
 
