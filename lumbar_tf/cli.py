@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--config", type=Path)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, help="decoding processes (default: one per core; 1: no pool)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=cmd_prepare)
 

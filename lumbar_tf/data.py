@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing as mp
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -252,22 +253,37 @@ def _serialize(record: dict, view_names: Iterable[str]) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-_WORKER_STATE: dict = {}
-
-
-def _init_worker(index: DatasetIndex, cfg: PreprocessConfig) -> None:
-    _WORKER_STATE["index"], _WORKER_STATE["cfg"] = index, cfg
-
-
-def _prepare_in_worker(study_id: str):
-    index, cfg = _WORKER_STATE["index"], _WORKER_STATE["cfg"]
+def _prepare_task(task: tuple):
+    """One study in a worker process -> (study_id, record or None, error or None)."""
+    images_dir, labels, study_id, descriptions, cfg = task
     try:
-        record = prepare_study(
-            index.images_dir, index.studies.get(study_id), study_id, index.descriptions, cfg
-        )
-        return study_id, record, None
+        return study_id, prepare_study(images_dir, labels, study_id, {study_id: descriptions}, cfg), None
     except (DicomError, DatasetError, L.LabelError) as exc:
         return study_id, None, str(exc)
+
+
+def _start_pool(workers: int):
+    """A process pool for decoding, started before anything heavy is imported or read.
+
+    forkserver, preloaded with this module: the server starts once per process (in the
+    background while the caller imports TensorFlow and reads the CSVs) and forks each worker
+    from an interpreter that never imported TensorFlow. Plain fork would be faster still but can
+    deadlock once TensorFlow's thread pools exist (evaluate and export run prepare after
+    training); spawn pays ~0.3 s of imports per worker on every run. Threads would not help:
+    header parsing holds the GIL.
+    """
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])
+    return ctx.Pool(workers, initializer=_init_worker)
+
+
+def _init_worker() -> None:
+    # One OpenCV thread per worker: the pool already uses every core.
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def prepare_cache(
@@ -276,16 +292,28 @@ def prepare_cache(
     cfg: PreprocessConfig,
     *,
     split: str = "train",
-    workers: int = 2,
+    workers: int | None = None,
     shards: int = 8,
     progress: bool = True,
     study_ids: list[str] | None = None,
 ) -> dict:
     """Decode every study once and write sharded TFRecords; returns the manifest.
 
-    Decoding runs in a process pool: pydicom and the pylibjpeg plugins hold the GIL, so threads
-    (or tf.data's parallel map over py_function) would not use the second core.
+    Decoding runs in a process pool (``workers`` processes, default one per available core;
+    1 = in this process): pydicom, header parsing and the pylibjpeg plugins hold the GIL, so
+    threads (or tf.data's parallel map over py_function) would not use the second core.
     """
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pool = _start_pool(workers) if workers > 1 else None
+    try:
+        return _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, study_ids)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, study_ids) -> dict:
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -320,21 +348,22 @@ def prepare_cache(
     writers = [tf.io.TFRecordWriter(str(cache / f"shard-{i:03d}.tfrecord")) for i in range(n_shards)]
     kept: list[str] = []
     warnings: dict[str, list[str]] = {}
-    # spawn, not fork: forking a process that has already run TensorFlow (evaluate, export) can
-    # deadlock on locks held by its thread pools.
-    ctx = mp.get_context("spawn")
+    # Each task carries only its own study's labels and series descriptions.
+    tasks = [
+        (index.images_dir, index.studies.get(sid), sid, index.descriptions.get(sid, {}), cfg) for sid in todo
+    ]
+    results = pool.imap(_prepare_task, tasks, chunksize=2) if pool is not None else map(_prepare_task, tasks)
     bar = tqdm(total=len(todo), desc="prepare", unit="study", disable=not progress)
     try:
-        with ctx.Pool(max(1, workers), initializer=_init_worker, initargs=(index, cfg)) as pool:
-            for sid, record, error in pool.imap(_prepare_in_worker, todo, chunksize=2):
-                bar.update(1)
-                if error is not None:
-                    skipped[sid] = error
-                    continue
-                writers[len(kept) % n_shards].write(_serialize(record, view_names))
-                kept.append(sid)
-                if record["warnings"]:
-                    warnings[sid] = record["warnings"]
+        for sid, record, error in results:
+            bar.update(1)
+            if error is not None:
+                skipped[sid] = error
+                continue
+            writers[len(kept) % n_shards].write(_serialize(record, view_names))
+            kept.append(sid)
+            if record["warnings"]:
+                warnings[sid] = record["warnings"]
     finally:
         bar.close()
         for writer in writers:

@@ -2,8 +2,10 @@
 
 A study folder holds one sub-folder per series (the RSNA layout
 ``{study_id}/{series_id}/{instance_number}.dcm``). `read_study` reads only the headers of every
-instance (``stop_before_pixels``) to learn the geometry; `Series.load_pixels` decodes just the
-slices a caller asks for.
+instance to learn the geometry; `Series.load_pixels` decodes just the slices a caller asks for.
+Headers go through `lumbar_tf.dicom_scan` (a fast walk over the first kilobytes, enough for the
+common uncompressed file, whose pixels are then read straight from their offset) and otherwise
+through pydicom (``stop_before_pixels``), which also checks and words every bad-file error.
 
 Geometry is DICOM patient coordinates, LPS (+x patient left, +y posterior, +z head). For slice
 ``k`` with ImagePositionPatient ``P`` (centre of the first pixel), ImageOrientationPatient
@@ -22,6 +24,8 @@ is kept (ties: the first in series-id order) and the other goes to `Study.extra`
 from __future__ import annotations
 
 import csv
+import functools
+import math
 import re
 import struct
 import warnings
@@ -35,6 +39,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from lumbar_tf.dicom_scan import scan_header
 
 SAGITTAL_T1 = "Sagittal T1"
 SAGITTAL_T2 = "Sagittal T2/STIR"
@@ -63,6 +69,38 @@ class DicomError(Exception):
 # === Headers ===
 
 
+@dataclass(frozen=True)
+class ModalityMap:
+    """Stored pixel value -> displayed modality value: Rescale Slope/Intercept (as pydicom's
+    ``apply_modality_lut``), then for MONOCHROME1 an inversion over the stored range, so that
+    higher values are always brighter."""
+
+    slope: float | None  # None: no rescale tags, values stay as stored
+    intercept: float = 0.0
+    invert_sum: float | None = None  # MONOCHROME1: value = invert_sum - rescaled
+
+    def apply(self, stored) -> np.ndarray:
+        """Stored values (any shape) -> float32 modality values."""
+        stored = np.asarray(stored)
+        if self.slope is None:
+            out = stored.astype(np.float32)
+        else:
+            out = (stored.astype(np.float64) * self.slope + self.intercept).astype(np.float32)
+        if self.invert_sum is not None:
+            out = np.float32(self.invert_sum) - out
+        return out
+
+
+@dataclass(frozen=True)
+class NativePixels:
+    """Where an uncompressed little-endian slice keeps its pixels, to read them without pydicom."""
+
+    offset: int  # byte offset of the Pixel Data value
+    dtype: str  # numpy dtype of the stored words ("<u2", "<i2", "u1", "i1")
+    bits_stored: int
+    modality: ModalityMap
+
+
 @dataclass
 class SliceHeader:
     """Geometry of one instance, read without its pixels."""
@@ -75,10 +113,12 @@ class SliceHeader:
     pixel_spacing: tuple[float, float]  # (row_mm, col_mm) = PixelSpacing (between rows, columns)
     rows: int
     cols: int
+    native: NativePixels | None = None  # set where the fast header scan located native pixels
 
-    @property
+    @functools.cached_property
     def normal(self) -> np.ndarray:
-        return np.cross(self.row_dir, self.col_dir)
+        (a1, a2, a3), (b1, b2, b3) = self.row_dir, self.col_dir  # cross product (np.cross is slow here)
+        return np.array([a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1])
 
     @property
     def center(self) -> np.ndarray:
@@ -156,11 +196,21 @@ class Series:
         Modality LUT applied (Rescale Slope/Intercept); MONOCHROME1 inverted so that higher
         values are brighter.
         """
-        indices = [int(indices)] if np.isscalar(indices) else [int(i) for i in indices]
-        out = np.empty((len(indices), self.slices[0].rows, self.slices[0].cols), np.float32)
-        for k, i in enumerate(indices):
-            out[k] = decode_instance(self.slices[i])
+        decoded = self.load_stored(indices)
+        out = np.empty((len(decoded), self.slices[0].rows, self.slices[0].cols), np.float32)
+        for k, (values, modality) in enumerate(decoded):
+            out[k] = values if modality is None else modality.apply(values)
         return out
+
+    def load_stored(self, indices) -> list[tuple[np.ndarray, ModalityMap | None]]:
+        """Decode only slices ``indices`` -> per slice (values ``[rows, cols]``, modality map).
+
+        The values are the stored integers and the map turns them into what `load_pixels`
+        returns; where that is no affine map (a Modality LUT Sequence) the values are already
+        float32 modality values and the map is None. Lets preprocessing work on the integers.
+        """
+        indices = [int(indices)] if np.isscalar(indices) else [int(i) for i in indices]
+        return [decode_stored(self.slices[i]) for i in indices]
 
 
 @dataclass
@@ -207,7 +257,7 @@ def _float_list(ds, keyword: str, n: int, path) -> list[float]:
         floats = [float(v) for v in values]
     except (TypeError, ValueError):
         raise DicomError(path, f"bad {keyword} value {value!r}") from None
-    if len(floats) != n or not np.all(np.isfinite(floats)):
+    if len(floats) != n or not all(map(math.isfinite, floats)):
         raise DicomError(path, f"bad {keyword} value {value!r} (expected {n} numbers)")
     return floats
 
@@ -357,27 +407,33 @@ def _check_complete_without_pixels(ds, size: int, path: Path) -> None:
             raise DicomError(path, "truncated DICOM (inside an element header)")
 
 
-def read_instance_header(path: str | Path) -> tuple[SliceHeader, pydicom.Dataset]:
-    """Header (no pixels) of one single-frame grayscale instance -> (SliceHeader, dataset)."""
+def read_instance_header(path: str | Path) -> tuple[SliceHeader, dict | pydicom.Dataset]:
+    """Header (no pixels) of one single-frame grayscale instance -> (SliceHeader, tags).
+
+    ``tags`` answers ``.get(keyword)`` for the series-level tags (SeriesInstanceUID,
+    SeriesNumber, SeriesDescription, echo/repetition/inversion times): a `ScannedHeader` from
+    the fast scan, else the pydicom Dataset.
+    """
     path = Path(path)
-    ds = _read_dataset_header(path)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    scanned = scan_header(path)
+    tags = scanned if scanned is not None else _read_dataset_header(path)
+    frames = int(tags.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise DicomError(path, f"multi-frame instance ({frames} frames) not supported")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+    if int(tags.get("SamplesPerPixel", 1) or 1) != 1:
         raise DicomError(path, "not a grayscale image (SamplesPerPixel != 1)")
-    position = np.array(_float_list(ds, "ImagePositionPatient", 3, path))
-    iop = np.array(_float_list(ds, "ImageOrientationPatient", 6, path))
-    spacing = _float_list(ds, "PixelSpacing", 2, path)
-    rows, cols = _int_tag(ds, "Rows", path), _int_tag(ds, "Columns", path)
+    position = np.array(_float_list(tags, "ImagePositionPatient", 3, path))
+    iop = np.array(_float_list(tags, "ImageOrientationPatient", 6, path))
+    spacing = _float_list(tags, "PixelSpacing", 2, path)
+    rows, cols = _int_tag(tags, "Rows", path), _int_tag(tags, "Columns", path)
     row_dir, col_dir = iop[:3], iop[3:]
     norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
     if min(norms) < 1e-3 or abs(row_dir @ col_dir) / (norms[0] * norms[1]) > 1e-2:
         raise DicomError(path, f"bad ImageOrientationPatient {list(iop)}")
     if min(spacing) <= 0 or rows < 1 or cols < 1:
         raise DicomError(path, "bad PixelSpacing/Rows/Columns")
-    if "InstanceNumber" in ds and ds.InstanceNumber not in (None, ""):
-        instance = _int_tag(ds, "InstanceNumber", path)
+    if tags.get("InstanceNumber") not in (None, ""):
+        instance = _int_tag(tags, "InstanceNumber", path)
     elif path.stem.isdigit():
         instance = int(path.stem)
     else:
@@ -391,15 +447,95 @@ def read_instance_header(path: str | Path) -> tuple[SliceHeader, pydicom.Dataset
         pixel_spacing=(spacing[0], spacing[1]),
         rows=rows,
         cols=cols,
+        native=None if scanned is None else _native_pixels(scanned, path),
     )
-    return header, ds
+    return header, tags
 
 
 # === Pixels ===
 
 
-def decode_instance(header: SliceHeader) -> np.ndarray:
-    """Decode one instance -> float32 ``[rows, cols]`` (modality LUT, MONOCHROME1 inverted)."""
+def _modality_map(tags, path: Path) -> ModalityMap:
+    """The stored -> modality map of an instance without a Modality LUT Sequence."""
+    slope = intercept = None
+    if tags.get("RescaleSlope") is not None and tags.get("RescaleIntercept") is not None:
+        slope, intercept = (_float_list(tags, k, 1, path)[0] for k in ("RescaleSlope", "RescaleIntercept"))
+    rescale = ModalityMap(slope, intercept or 0.0)
+    if str(tags.get("PhotometricInterpretation", "")).strip() != "MONOCHROME1":
+        return rescale
+    bits = int(tags.get("BitsStored", tags.get("BitsAllocated", 16)))
+    mapped = _stored_range(bits, int(tags.get("PixelRepresentation", 0)) == 1).astype(np.float64)
+    if slope is not None:
+        mapped = mapped * slope + intercept
+    return ModalityMap(slope, intercept or 0.0, float(mapped.min()) + float(mapped.max()))
+
+
+def _stored_range(bits: int, signed: bool) -> np.ndarray:
+    """Smallest and largest value ``bits`` stored bits can hold."""
+    if signed:
+        return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
+    return np.array([0, 2**bits - 1])
+
+
+def _native_pixels(scanned, path: Path) -> NativePixels | None:
+    """Where to read the pixels straight from the file, or None to decode them with pydicom.
+
+    Only the layouts whose stored values are plain words: 8 or 16 bits allocated, stored bits
+    in the low bits (HighBit = BitsStored - 1), MONOCHROME1/2 and no Modality LUT Sequence.
+    """
+    allocated, stored = scanned.get("BitsAllocated"), scanned.get("BitsStored")
+    representation = scanned.get("PixelRepresentation", 0)
+    photometric = scanned.get("PhotometricInterpretation", "")
+    if (
+        allocated not in (8, 16)
+        or stored is None
+        or not 1 <= stored <= allocated
+        or scanned.get("HighBit", stored - 1) != stored - 1
+        or representation not in (0, 1)
+        or photometric not in ("MONOCHROME1", "MONOCHROME2")
+        or scanned.get("ModalityLUTSequence")
+    ):
+        return None
+    dtype = ("i" if representation == 1 else "u") + str(allocated // 8)
+    return NativePixels(
+        offset=scanned.pixel_offset,
+        dtype="<" + dtype if allocated > 8 else dtype,
+        bits_stored=stored,
+        modality=_modality_map(scanned, path),
+    )
+
+
+def _read_native(header: SliceHeader) -> np.ndarray:
+    """Stored values of an uncompressed slice, read from their offset (as pydicom decodes them:
+    bits above BitsStored dropped, signed values sign-extended)."""
+    native, path = header.native, header.path
+    count = header.rows * header.cols
+    try:
+        words = np.fromfile(path, dtype=native.dtype, count=count, offset=native.offset)
+    except OSError as exc:
+        raise DicomError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if words.size != count:
+        raise DicomError(path, f"truncated pixel data ({words.size} of {count} pixels)")
+    bits = words.dtype.itemsize * 8
+    if native.bits_stored < bits:
+        unsigned = words.view(words.dtype.str.replace("i", "u"))
+        low = unsigned & np.array((1 << native.bits_stored) - 1, unsigned.dtype)
+        if words.dtype.kind == "i":
+            sign = np.array(1 << (native.bits_stored - 1), unsigned.dtype)
+            words = ((low ^ sign).astype(np.int32) - int(sign)).astype(words.dtype)
+        else:
+            words = low
+    return words.reshape(header.rows, header.cols)
+
+
+def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
+    """Decode one instance -> (stored values ``[rows, cols]``, their modality map).
+
+    Where the instance has a Modality LUT Sequence the values are already float32 modality
+    values (MONOCHROME1 inverted) and the map is None.
+    """
+    if header.native is not None:
+        return _read_native(header), header.native.modality
     path = header.path
     try:
         ds = pydicom.dcmread(path)
@@ -417,22 +553,20 @@ def decode_instance(header: SliceHeader) -> np.ndarray:
         raise DicomError(path, f"cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None
     if arr.shape != (header.rows, header.cols):
         raise DicomError(path, f"decoded shape {arr.shape} != {(header.rows, header.cols)}")
+    if "ModalityLUTSequence" not in ds:
+        return arr, _modality_map(ds, path)
     out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        lo, hi = _display_range(ds)
-        out = np.float32(lo + hi) - out
-    return out
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        mapped = apply_modality_lut(_stored_range(bits, int(ds.get("PixelRepresentation", 0)) == 1), ds)
+        out = np.float32(float(np.min(mapped)) + float(np.max(mapped))) - out
+    return out, None
 
 
-def _display_range(ds) -> tuple[float, float]:
-    """Range of the modality values the stored bits can hold (for MONOCHROME1 inversion)."""
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
-    else:
-        stored = np.array([0, 2**bits - 1])
-    mapped = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    return float(mapped.min()), float(mapped.max())
+def decode_instance(header: SliceHeader) -> np.ndarray:
+    """Decode one instance -> float32 ``[rows, cols]`` (modality LUT, MONOCHROME1 inverted)."""
+    values, modality = decode_stored(header)
+    return values if modality is None else modality.apply(values)
 
 
 # === Series types ===
@@ -637,7 +771,10 @@ __all__ = [
     "Series",
     "SliceHeader",
     "Study",
+    "ModalityMap",
+    "NativePixels",
     "decode_instance",
+    "decode_stored",
     "infer_description",
     "plane_of_normal",
     "read_instance_header",

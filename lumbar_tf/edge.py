@@ -340,8 +340,7 @@ def midline_image(study: Study, preds: dict, cfg: PreprocessConfig) -> np.ndarra
         if series is None or int(instance) not in series.instance_numbers:
             continue
         index = series.index_of_instance(int(instance))
-        pixels = preprocess.normalize_percentile(series.load_pixels([index]), *cfg.clip_percentiles)[0]
-        return preprocess.apply_clahe(pixels, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
+        return preprocess.prepared_slices(series, [index], cfg)[0]
     return None
 
 

@@ -131,10 +131,9 @@ def source_view(cfg: PreprocessConfig, condition: str) -> tuple[str, int]:
 
 def slice_image(series, index: int, cfg: PreprocessConfig) -> np.ndarray:
     """One source slice as the model's preprocessing shows it: percentile clip + CLAHE -> uint8 [H, W]."""
-    from lumbar_tf.preprocess import apply_clahe, normalize_percentile
+    from lumbar_tf.preprocess import prepared_slices
 
-    pixels = normalize_percentile(series.load_pixels([index]), *cfg.clip_percentiles)[0]
-    return apply_clahe(pixels, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
+    return prepared_slices(series, [index], cfg)[0]
 
 
 def midline_slice(study, info: dict, cfg: PreprocessConfig):

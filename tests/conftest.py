@@ -27,6 +27,30 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture
+def spy_decodes(monkeypatch):
+    """Record the file of every pixel decode, by pydicom (``Dataset.pixel_array``) or straight
+    from the file (native pixels located by the fast header scan)."""
+    from pydicom.dataset import Dataset
+
+    from lumbar_tf import dicom
+
+    decoded: list[str] = []
+    by_pydicom, native = Dataset.pixel_array, dicom._read_native
+
+    def pixel_array(ds):
+        decoded.append(str(ds.filename))
+        return by_pydicom.fget(ds)
+
+    def read_native(header):
+        decoded.append(str(header.path))
+        return native(header)
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(pixel_array))
+    monkeypatch.setattr(dicom, "_read_native", read_native)
+    return decoded
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
     """Twelve phantom studies in the RSNA layout (read-only for tests: copy before damaging)."""

@@ -181,3 +181,15 @@ def test_series_the_views_do_not_use_are_never_opened(phantom_dir, tiny_config, 
         root, tmp_path / "cache", tiny_config.preprocess, progress=False, study_ids=[sid]
     )
     assert manifest["study_ids"] == [sid] and not manifest["skipped"]
+
+
+def test_in_process_and_pool_give_the_same_cache(phantom_dir, phantom_cache, tiny_config, tmp_path):
+    """workers=1 decodes in this process; the shared cache was made by a 2-process pool."""
+    cfg = tiny_config.preprocess
+    manifest = prepare_cache(phantom_dir, tmp_path / "cache", cfg, workers=1, progress=False)
+    serial, pooled = load_studies(tmp_path / "cache", cfg), load_studies(phantom_cache, cfg)
+    assert serial["study_id"] == pooled["study_id"] == sorted(manifest["study_ids"], key=int)
+    for name in cfg.view_names:
+        np.testing.assert_array_equal(serial["views"][name], pooled["views"][name])
+    for key in ("level_xy", "level_present", "grades"):
+        np.testing.assert_array_equal(serial[key], pooled[key])

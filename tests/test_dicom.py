@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 
 from lumbar_tf.dicom import (
     AXIAL_T2,
@@ -38,20 +37,6 @@ def modality(stored: np.ndarray, spec: SeriesSpec) -> np.ndarray:
     slope = 1.0 if spec.slope is None else spec.slope
     intercept = 0.0 if spec.intercept is None else spec.intercept
     return stored.astype(np.float64) * slope + intercept
-
-
-@pytest.fixture
-def spy_decode(monkeypatch):
-    """Record the file of every pixel decode (Dataset.pixel_array)."""
-    decoded: list[str] = []
-    original = Dataset.pixel_array
-
-    def counting(self):
-        decoded.append(str(self.filename))
-        return original.fget(self)
-
-    monkeypatch.setattr(Dataset, "pixel_array", property(counting))
-    return decoded
 
 
 # --- transfer syntaxes ---------------------------------------------------------------------
@@ -165,12 +150,12 @@ def test_rescale_and_monochrome1(tmp_path):
     assert np.all(np.diff(p1[0]) < 0) and np.all(np.diff(p2[0]) > 0)
 
 
-def test_headers_only_reading_decodes_no_pixels(tmp_path, spy_decode):
+def test_headers_only_reading_decodes_no_pixels(tmp_path, spy_decodes):
     study = read_study(write_study(tmp_path))
-    assert spy_decode == []
+    assert spy_decodes == []
     series = study.series[SAGITTAL_T1]
     series.load_pixels([2, 5])
-    assert spy_decode == [str(series.slices[2].path), str(series.slices[5].path)]
+    assert spy_decodes == [str(series.slices[2].path), str(series.slices[5].path)]
 
 
 # --- series types ---------------------------------------------------------------------------

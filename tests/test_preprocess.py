@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from lumbar_tf.config import PreprocessConfig, ViewSpec
-from lumbar_tf.dicom import SAGITTAL_T1, SAGITTAL_T2, DicomError, read_study
+from lumbar_tf.dicom import SAGITTAL_T1, SAGITTAL_T2, DicomError, ModalityMap, read_study
 from lumbar_tf.preprocess import (
     ViewGrid,
+    _histogram_percentiles,
+    _normalize_stored,
     apply_clahe,
     build_view,
     build_views,
@@ -21,9 +23,11 @@ from lumbar_tf.preprocess import (
     crop_px_to_view_norm,
     level_boxes,
     normalize_percentile,
+    normalized_slices,
     patient_yz_of_source_px,
     slice_to_view_affine,
     source_px_to_view_norm,
+    to_uint8,
     view_grid_for_study,
     view_norm_to_crop_px,
     view_norm_to_source_px,
@@ -58,6 +62,50 @@ def test_normalize_percentile_over_all_slices():
     assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
     assert out[0].mean() < 0.1 and out[1].mean() > 0.9  # one scale for both slices
     np.testing.assert_array_equal(normalize_percentile(np.full((2, 5, 5), 7.0), 1, 99), 0.0)
+
+
+@pytest.mark.parametrize(
+    "dtype, modality",
+    [
+        ("<u2", ModalityMap(2.0, -100.0)),
+        ("<u2", ModalityMap(None)),
+        ("<i2", ModalityMap(1.1406, 75.86)),
+        ("<u2", ModalityMap(0.5, 10.0, invert_sum=2057.5)),  # MONOCHROME1: order reversed
+        ("<i2", ModalityMap(-0.7, 3.0)),  # negative slope
+        ("u1", ModalityMap(1.0, 0.0)),
+    ],
+)
+def test_normalizing_stored_integers_matches_the_float_path(dtype, modality):
+    """The histogram + lookup-table path gives the float path's pixels (ties may move one level)."""
+    rng = np.random.default_rng(1)
+    info = np.iinfo(np.dtype(dtype))
+    low, high = max(info.min, -3000), min(info.max, 4095)
+    stored = rng.gamma(2.0, (high - low) / 8, (3, 37, 41)).astype(np.int64) + low
+    stored = np.clip(stored, low, high).astype(dtype)
+    floats = modality.apply(stored)
+    expected = to_uint8(normalize_percentile(floats, 0.5, 99.5))
+    got = _normalize_stored(stored, modality, 0.5, 99.5)
+    assert got.dtype == np.uint8 and got.shape == stored.shape
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    assert np.mean(got == expected) > 0.999
+
+
+def test_histogram_percentiles_match_numpy():
+    rng = np.random.default_rng(2)
+    values = rng.integers(-50, 300, 10_001).astype(np.float32)
+    distinct, counts = np.unique(values, return_counts=True)
+    for q in (0.0, 0.5, 2.5, 50.0, 99.5, 100.0):
+        got = _histogram_percentiles(distinct, counts, [q])[0]
+        np.testing.assert_allclose(got, np.percentile(values, q), rtol=1e-6)
+
+
+def test_normalized_slices_on_a_series(tmp_path):
+    """Shared modality map -> stored-integer path; equal to the float path on real files."""
+    study = read_study(write_study(tmp_path))
+    series = study.series[SAGITTAL_T2]
+    got = normalized_slices(series, [1, 3, 4], (0.5, 99.5))
+    expected = to_uint8(normalize_percentile(series.load_pixels([1, 3, 4]), 0.5, 99.5))
+    assert np.abs(got.astype(int) - expected).max() <= 1 and np.mean(got == expected) > 0.999
 
 
 def test_apply_clahe_uint8():
@@ -211,22 +259,15 @@ def test_build_views_missing_series_and_no_sagittal(tmp_path):
     assert err.value.path == study.path
 
 
-def test_build_views_decodes_only_chosen_slices(tmp_path, monkeypatch):
-    from pydicom.dataset import Dataset
-
+def test_build_views_decodes_only_chosen_slices(tmp_path, spy_decodes):
     study = read_study(write_study(tmp_path))
-    decoded = []
-    original = Dataset.pixel_array
-    monkeypatch.setattr(
-        Dataset, "pixel_array", property(lambda ds: decoded.append(str(ds.filename)) or original.fget(ds))
-    )
     cfg = PreprocessConfig(view_size=64)
     _, _, info, _ = build_views(study, cfg)
     expected = []
     for spec in cfg.views:
         series = study.series[spec.series_description]
         expected += [str(series.slices[i].path) for i in sorted(set(choose_slices(series, spec.offsets_mm)))]
-    assert decoded == expected and len(decoded) == 6
+    assert spy_decodes == expected and len(spy_decodes) == 6
 
 
 # --- level crops ----------------------------------------------------------------------------
