@@ -422,14 +422,15 @@ def read_instance_header(path: str | Path) -> tuple[SliceHeader, dict | pydicom.
         raise DicomError(path, f"multi-frame instance ({frames} frames) not supported")
     if int(tags.get("SamplesPerPixel", 1) or 1) != 1:
         raise DicomError(path, "not a grayscale image (SamplesPerPixel != 1)")
-    position = np.array(_float_list(tags, "ImagePositionPatient", 3, path))
-    iop = np.array(_float_list(tags, "ImageOrientationPatient", 6, path))
+    position = _float_list(tags, "ImagePositionPatient", 3, path)
+    iop = _float_list(tags, "ImageOrientationPatient", 6, path)
     spacing = _float_list(tags, "PixelSpacing", 2, path)
     rows, cols = _int_tag(tags, "Rows", path), _int_tag(tags, "Columns", path)
+    # Plain floats, not numpy, for these few numbers: this runs for every file of a study.
     row_dir, col_dir = iop[:3], iop[3:]
-    norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
-    if min(norms) < 1e-3 or abs(row_dir @ col_dir) / (norms[0] * norms[1]) > 1e-2:
-        raise DicomError(path, f"bad ImageOrientationPatient {list(iop)}")
+    norms = math.hypot(*row_dir), math.hypot(*col_dir)
+    if min(norms) < 1e-3 or abs(sum(a * b for a, b in zip(row_dir, col_dir))) / (norms[0] * norms[1]) > 1e-2:
+        raise DicomError(path, f"bad ImageOrientationPatient {iop}")
     if min(spacing) <= 0 or rows < 1 or cols < 1:
         raise DicomError(path, "bad PixelSpacing/Rows/Columns")
     if tags.get("InstanceNumber") not in (None, ""):
@@ -441,9 +442,9 @@ def read_instance_header(path: str | Path) -> tuple[SliceHeader, dict | pydicom.
     header = SliceHeader(
         path=path,
         instance_number=instance,
-        position=position,
-        row_dir=row_dir / norms[0],
-        col_dir=col_dir / norms[1],
+        position=np.array(position),
+        row_dir=np.array(row_dir) / norms[0],
+        col_dir=np.array(col_dir) / norms[1],
         pixel_spacing=(spacing[0], spacing[1]),
         rows=rows,
         cols=cols,

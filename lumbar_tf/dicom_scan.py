@@ -24,9 +24,10 @@ from dataclasses import dataclass
 EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 
-# The header of a typical instance fits in a few kilobytes; a file whose pixel data starts later
-# (large private tags) is read whole on a second pass.
-_FIRST_READ = 16384
+# Bytes read per try: a typical header fits in the first 4 kB (copying more from the page cache
+# is measurable at ~36 files a study); large private tags need the second; the rest of the file
+# is the last resort.
+_READ_SIZES = (4096, 65536)
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
@@ -99,18 +100,19 @@ def scan_header(path: str | os.PathLike) -> ScannedHeader | None:
     ``Rows * Columns * BitsAllocated / 8`` bytes of it.
     """
     try:
-        with open(path, "rb") as handle:
+        with open(path, "rb", buffering=0) as handle:
             size = os.fstat(handle.fileno()).st_size
-            buf = handle.read(_FIRST_READ)
-            try:
-                return _scan(buf, size)
-            except _NeedMore:
-                if len(buf) >= size:
-                    return None  # truncated inside the header
-                buf += handle.read()
-                return _scan(buf, size)
+            buf = b""
+            for chunk in (*_READ_SIZES, -1):
+                buf += handle.read(chunk - len(buf) if chunk > 0 else -1)
+                try:
+                    return _scan(buf, size)
+                except _NeedMore:
+                    if len(buf) >= size:
+                        return None  # truncated inside the header
     except (OSError, _Unsupported, _NeedMore, struct.error, ValueError):
         return None
+    return None
 
 
 def _scan(buf: bytes, size: int) -> ScannedHeader:

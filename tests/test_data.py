@@ -184,7 +184,9 @@ def test_series_the_views_do_not_use_are_never_opened(phantom_dir, tiny_config, 
 
 
 def test_in_process_and_pool_give_the_same_cache(phantom_dir, phantom_cache, tiny_config, tmp_path):
-    """workers=1 decodes in this process; the shared cache was made by a 2-process pool."""
+    """workers=1 decodes in this process; the shared cache was made by a 2-process pool, whose
+    workers hand the views over through files that are gone afterwards."""
+    assert not (phantom_cache / ".handover").exists()
     cfg = tiny_config.preprocess
     manifest = prepare_cache(phantom_dir, tmp_path / "cache", cfg, workers=1, progress=False)
     serial, pooled = load_studies(tmp_path / "cache", cfg), load_studies(phantom_cache, cfg)
