@@ -40,7 +40,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from lumbar_tf.dicom_scan import scan_header
+from lumbar_tf.dicom_scan import WANTED_KEYWORDS, scan_header
 
 SAGITTAL_T1 = "Sagittal T1"
 SAGITTAL_T2 = "Sagittal T2/STIR"
@@ -302,16 +302,32 @@ def _read_dataset_header(path: Path):
     for w in caught:
         if "end of file" in str(w.message).lower():
             raise DicomError(path, f"truncated DICOM ({w.message})")
-    if deflated:
-        if "PixelData" not in ds:
+    try:
+        if deflated:
+            if "PixelData" not in ds:
+                raise DicomError(path, "no pixel data")
+            expected = _expected_native_bytes(ds)
+            if expected is not None and len(ds.PixelData) < expected:
+                raise DicomError(path, f"truncated pixel data ({len(ds.PixelData)} of {expected} bytes)")
+        elif tell >= size:
+            _check_complete_without_pixels(ds, size, path)
             raise DicomError(path, "no pixel data")
-        expected = _expected_native_bytes(ds)
-        if expected is not None and len(ds.PixelData) < expected:
-            raise DicomError(path, f"truncated pixel data ({len(ds.PixelData)} of {expected} bytes)")
-    elif tell >= size:
-        _check_complete_without_pixels(ds, size, path)
-        raise DicomError(path, "no pixel data")
+    except DicomError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily: a corrupt one fails here
+        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
     return ds
+
+
+def _tags_by_pydicom(path: Path) -> dict:
+    """The tags `read_instance_header` and `read_series` use, converted now: pydicom converts a
+    value when it is first read, and a corrupt one (an unknown VR, say) must fail here, as a
+    DicomError, not later in the caller."""
+    ds = _read_dataset_header(path)
+    try:
+        return {keyword: ds.get(keyword) for keyword in WANTED_KEYWORDS}
+    except Exception as exc:  # pydicom raises many kinds on corrupt values
+        raise DicomError(path, f"corrupt DICOM ({type(exc).__name__}: {exc})") from None
 
 
 def _check_deflate_stream(fp, ds, path: Path) -> None:
@@ -412,11 +428,11 @@ def read_instance_header(path: str | Path) -> tuple[SliceHeader, dict | pydicom.
 
     ``tags`` answers ``.get(keyword)`` for the series-level tags (SeriesInstanceUID,
     SeriesNumber, SeriesDescription, echo/repetition/inversion times): a `ScannedHeader` from
-    the fast scan, else the pydicom Dataset.
+    the fast scan, else a dict of the same keywords read by pydicom.
     """
     path = Path(path)
     scanned = scan_header(path)
-    tags = scanned if scanned is not None else _read_dataset_header(path)
+    tags = scanned if scanned is not None else _tags_by_pydicom(path)
     frames = int(tags.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise DicomError(path, f"multi-frame instance ({frames} frames) not supported")
@@ -478,12 +494,26 @@ def _stored_range(bits: int, signed: bool) -> np.ndarray:
     return np.array([0, 2**bits - 1])
 
 
+# Tags pydicom needs to decode native pixel data.
+_PIXEL_MODULE = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+)
+
+
 def _native_pixels(scanned, path: Path) -> NativePixels | None:
     """Where to read the pixels straight from the file, or None to decode them with pydicom.
 
     Only the layouts whose stored values are plain words: 8 or 16 bits allocated, stored bits
     in the low bits (HighBit = BitsStored - 1), MONOCHROME1/2 and no Modality LUT Sequence.
     """
+    if any(scanned.get(keyword) is None for keyword in _PIXEL_MODULE):
+        return None  # pydicom refuses to decode without them; let it say so
     allocated, stored = scanned.get("BitsAllocated"), scanned.get("BitsStored")
     representation = scanned.get("PixelRepresentation", 0)
     photometric = scanned.get("PhotometricInterpretation", "")
@@ -497,12 +527,16 @@ def _native_pixels(scanned, path: Path) -> NativePixels | None:
         or scanned.get("ModalityLUTSequence")
     ):
         return None
+    try:
+        modality = _modality_map(scanned, path)
+    except DicomError:
+        return None  # a bad rescale value: decoding this slice will say so, as for any other file
     dtype = ("i" if representation == 1 else "u") + str(allocated // 8)
     return NativePixels(
         offset=scanned.pixel_offset,
         dtype="<" + dtype if allocated > 8 else dtype,
         bits_stored=stored,
-        modality=_modality_map(scanned, path),
+        modality=modality,
     )
 
 
@@ -554,14 +588,19 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
         raise DicomError(path, f"cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None
     if arr.shape != (header.rows, header.cols):
         raise DicomError(path, f"decoded shape {arr.shape} != {(header.rows, header.cols)}")
-    if "ModalityLUTSequence" not in ds:
-        return arr, _modality_map(ds, path)
-    out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-        mapped = apply_modality_lut(_stored_range(bits, int(ds.get("PixelRepresentation", 0)) == 1), ds)
-        out = np.float32(float(np.min(mapped)) + float(np.max(mapped))) - out
-    return out, None
+    try:
+        if "ModalityLUTSequence" not in ds:
+            return arr, _modality_map(ds, path)
+        out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+            bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+            mapped = apply_modality_lut(_stored_range(bits, int(ds.get("PixelRepresentation", 0)) == 1), ds)
+            out = np.float32(float(np.min(mapped)) + float(np.max(mapped))) - out
+        return out, None
+    except DicomError:
+        raise
+    except Exception as exc:  # a corrupt rescale or LUT value
+        raise DicomError(path, f"corrupt modality LUT ({type(exc).__name__}: {exc})") from None
 
 
 def decode_instance(header: SliceHeader) -> np.ndarray:

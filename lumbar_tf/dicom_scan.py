@@ -32,9 +32,13 @@ _READ_SIZES = (4096, 65536)
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-# Explicit VRs whose length is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
+# Explicit VRs whose length is 4 bytes after 2 reserved bytes (PS3.5 7.1.2), and the others.
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH"}
+    | {b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
 )
 
 # Wanted tags: keyword and how to read the value. "us": one unsigned short; "text": one string;
@@ -64,6 +68,7 @@ _WANTED = {
     0x00281053: ("RescaleSlope", "number"),
     0x00283000: ("ModalityLUTSequence", "present"),
 }
+WANTED_KEYWORDS = tuple(keyword for keyword, _ in _WANTED.values())
 
 # Element headers: explicit VR (group, element, VR, 2-byte length; long VRs then have a 4-byte
 # length after it) and implicit VR (group, element, 4-byte length; the "VR" slot is empty).
@@ -176,14 +181,16 @@ def _walk(buf: bytes, pos: int, *, explicit: bool, wanted: dict, group: int | No
                 return pos + 8, values
             raise _Unsupported  # float pixel data, or an item tag out of place
         value_pos = pos + 8
-        if explicit and vr in _LONG_VRS:
+        if explicit and vr not in _SHORT_VRS:
+            if vr not in _LONG_VRS:
+                raise _Unsupported  # not a VR: a corrupt file, for pydicom to word
             if pos + 12 > end:
                 raise _NeedMore
             (length,) = _LENGTH(buf, pos + 8)
             value_pos = pos + 12
         spec = wanted.get(tag) if not in_item else None
         if length == _UNDEFINED:
-            if explicit and vr != b"SQ":
+            if vr != b"SQ" and (explicit or not _is_sequence(tag)):
                 raise _Unsupported  # e.g. UN of undefined length (implicit VR inside)
             pos = _skip_sequence(buf, value_pos, explicit)
             if spec is not None:
@@ -194,6 +201,16 @@ def _walk(buf: bytes, pos: int, *, explicit: bool, wanted: dict, group: int | No
             raise _NeedMore
         if spec is not None:
             values[spec[0]] = _decode(spec, vr if explicit else None, buf[value_pos:pos])
+
+
+def _is_sequence(tag: int) -> bool:
+    """Implicit VR: is ``tag`` a sequence in the data dictionary (as pydicom reads it)?"""
+    from pydicom.datadict import dictionary_VR
+
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
 
 
 def _skip_sequence(buf: bytes, pos: int, explicit: bool) -> int:
@@ -230,4 +247,4 @@ def _decode(spec: tuple[str, str], vr: bytes | None, raw: bytes):
         return [part.strip() for part in text.split("\\")]
     if "\\" in text:
         raise _Unsupported  # several values where one is expected: pydicom words the error
-    return text
+    return text.strip() if kind == "number" else text  # numbers: any whitespace, as pydicom

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pydicom
 import pytest
@@ -143,6 +145,11 @@ def test_unusual_files_are_left_to_pydicom(tmp_path):
     del no_pixels.PixelData
     assert scan_header(_write(no_pixels, tmp_path / "nopixels.dcm")) is None
 
+    corrupt = _write(_dataset(), tmp_path / "corrupt.dcm").read_bytes()
+    at = corrupt.index(b"\x20\x00\x32\x00DS")  # ImagePositionPatient: its VR becomes "D?"
+    (tmp_path / "corrupt.dcm").write_bytes(corrupt[: at + 5] + b"?" + corrupt[at + 6 :])
+    assert scan_header(tmp_path / "corrupt.dcm") is None
+
     (tmp_path / "text.dcm").write_text("not DICOM at all\n" * 20)
     assert scan_header(tmp_path / "text.dcm") is None
     assert scan_header(tmp_path / "missing.dcm") is None
@@ -171,3 +178,42 @@ def test_every_truncation_is_left_to_pydicom(tmp_path):
     for cut in [*range(0, 2000, 7), *range(2000, len(data), 997), len(data) - 1]:
         cut_file.write_bytes(data[:cut])
         assert scan_header(cut_file) is None, cut
+
+
+def _outcome(path, monkeypatch, fast: bool):
+    """read_instance_header's and decode_instance's results (or the DicomError), with or without
+    the fast scan."""
+    with monkeypatch.context() as patch:
+        if not fast:
+            patch.setattr(dicom, "scan_header", lambda _: None)
+        try:
+            header, tags = read_instance_header(path)
+            pixels = decode_instance(header)
+        except dicom.DicomError as err:
+            return "error", err.reason
+    geometry = (header.instance_number, header.rows, header.cols, header.pixel_spacing)
+    vectors = tuple(tuple(getattr(header, k)) for k in ("position", "row_dir", "col_dir"))
+    return geometry, vectors, tuple(str(tags.get(k)) for k in SERIES_TAGS), pixels.tobytes()
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_damaged_header_reads_as_pydicom_reads_it(tmp_path, monkeypatch, implicit):
+    """Whatever the scan accepts, it reads as pydicom does; whatever it does not, pydicom gets.
+    (FUZZ_N and FUZZ_SEED run more cases: 60,000, explicit and implicit VR, passed when written.)"""
+    source = _write(_with_sequences_and_private_block(_dataset()), tmp_path / "src.dcm", implicit=implicit)
+    data = source.read_bytes()
+    header_end = data.index(b"\xe0\x7f\x10\x00")  # the Pixel Data tag
+    rng = np.random.default_rng(int(os.environ.get("FUZZ_SEED", 11)))
+    path, accepted = tmp_path / "1.dcm", 0
+    for _ in range(int(os.environ.get("FUZZ_N", 300))):
+        damaged = bytearray(data)
+        at = int(rng.integers(132, header_end))
+        damaged[at] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(damaged))
+        fast = _outcome(path, monkeypatch, fast=True)
+        slow = _outcome(path, monkeypatch, fast=False)
+        assert (fast[0] == "error") == (slow[0] == "error"), (at, fast, slow)
+        if fast[0] != "error":
+            assert fast == slow, at
+        accepted += scan_header(path) is not None
+    assert accepted > 100  # most single-byte changes hit values, which the scan reads
