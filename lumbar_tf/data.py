@@ -369,12 +369,12 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
     writers = [tf.io.TFRecordWriter(str(cache / f"shard-{i:03d}.tfrecord")) for i in range(n_shards)]
     kept: list[str] = []
     warnings: dict[str, list[str]] = {}
-    # Each task carries only its own study's labels and series descriptions.
     handover = None
     if pool is not None:
         handover = cache / ".handover"
         shutil.rmtree(handover, ignore_errors=True)
         handover.mkdir()
+    # Each task carries only its own study's labels and series descriptions.
     tasks = [
         (index.images_dir, index.studies.get(sid), sid, index.descriptions.get(sid, {}), cfg, handover)
         for sid in todo

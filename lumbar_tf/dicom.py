@@ -40,7 +40,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from lumbar_tf.dicom_scan import WANTED_KEYWORDS, scan_header
+from lumbar_tf.dicom_scan import WANTED_KEYWORDS, ScannedHeader, scan_header
 
 SAGITTAL_T1 = "Sagittal T1"
 SAGITTAL_T2 = "Sagittal T2/STIR"
@@ -423,7 +423,7 @@ def _check_complete_without_pixels(ds, size: int, path: Path) -> None:
             raise DicomError(path, "truncated DICOM (inside an element header)")
 
 
-def read_instance_header(path: str | Path) -> tuple[SliceHeader, dict | pydicom.Dataset]:
+def read_instance_header(path: str | Path) -> tuple[SliceHeader, ScannedHeader | dict]:
     """Header (no pixels) of one single-frame grayscale instance -> (SliceHeader, tags).
 
     ``tags`` answers ``.get(keyword)`` for the series-level tags (SeriesInstanceUID,
@@ -477,19 +477,18 @@ def _modality_map(tags, path: Path) -> ModalityMap:
     slope = intercept = None
     if tags.get("RescaleSlope") is not None and tags.get("RescaleIntercept") is not None:
         slope, intercept = (_float_list(tags, k, 1, path)[0] for k in ("RescaleSlope", "RescaleIntercept"))
-    rescale = ModalityMap(slope, intercept or 0.0)
     if str(tags.get("PhotometricInterpretation", "")).strip() != "MONOCHROME1":
-        return rescale
-    bits = int(tags.get("BitsStored", tags.get("BitsAllocated", 16)))
-    mapped = _stored_range(bits, int(tags.get("PixelRepresentation", 0)) == 1).astype(np.float64)
+        return ModalityMap(slope, intercept or 0.0)
+    mapped = _stored_range(tags).astype(np.float64)
     if slope is not None:
         mapped = mapped * slope + intercept
     return ModalityMap(slope, intercept or 0.0, float(mapped.min()) + float(mapped.max()))
 
 
-def _stored_range(bits: int, signed: bool) -> np.ndarray:
-    """Smallest and largest value ``bits`` stored bits can hold."""
-    if signed:
+def _stored_range(tags) -> np.ndarray:
+    """Smallest and largest value the stored bits can hold (the MONOCHROME1 inversion range)."""
+    bits = int(tags.get("BitsStored", tags.get("BitsAllocated", 16)))
+    if int(tags.get("PixelRepresentation", 0)) == 1:
         return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
     return np.array([0, 2**bits - 1])
 
@@ -515,15 +514,13 @@ def _native_pixels(scanned, path: Path) -> NativePixels | None:
     if any(scanned.get(keyword) is None for keyword in _PIXEL_MODULE):
         return None  # pydicom refuses to decode without them; let it say so
     allocated, stored = scanned.get("BitsAllocated"), scanned.get("BitsStored")
-    representation = scanned.get("PixelRepresentation", 0)
-    photometric = scanned.get("PhotometricInterpretation", "")
+    representation = scanned.get("PixelRepresentation")
     if (
         allocated not in (8, 16)
-        or stored is None
         or not 1 <= stored <= allocated
         or scanned.get("HighBit", stored - 1) != stored - 1
         or representation not in (0, 1)
-        or photometric not in ("MONOCHROME1", "MONOCHROME2")
+        or scanned.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2")
         or scanned.get("ModalityLUTSequence")
     ):
         return None
@@ -593,8 +590,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
             return arr, _modality_map(ds, path)
         out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
         if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-            bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-            mapped = apply_modality_lut(_stored_range(bits, int(ds.get("PixelRepresentation", 0)) == 1), ds)
+            mapped = apply_modality_lut(_stored_range(ds), ds)
             out = np.float32(float(np.min(mapped)) + float(np.max(mapped))) - out
         return out, None
     except DicomError:

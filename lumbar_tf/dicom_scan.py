@@ -82,9 +82,7 @@ class ScannedHeader:
     """The wanted tags of one file and where its native pixel data lies."""
 
     values: dict  # keyword -> int ("us"), str ("text"/"number"), list[str] ("numbers"), True ("present")
-    transfer_syntax: str
-    pixel_offset: int  # byte offset of the Pixel Data value in the file
-    pixel_length: int  # its length in bytes (defined: native pixel data)
+    pixel_offset: int  # byte offset of the (native, complete) Pixel Data value in the file
 
     def get(self, keyword: str, default=None):
         return self.values.get(keyword, default)
@@ -117,7 +115,6 @@ def scan_header(path: str | os.PathLike) -> ScannedHeader | None:
                         return None  # truncated inside the header
     except (OSError, _Unsupported, _NeedMore, struct.error, ValueError):
         return None
-    return None
 
 
 def _scan(buf: bytes, size: int) -> ScannedHeader:
@@ -129,17 +126,15 @@ def _scan(buf: bytes, size: int) -> ScannedHeader:
         raise _Unsupported  # deflated, big endian or compressed (encapsulated) pixel data
     explicit = syntax == EXPLICIT_LITTLE
     pixel_pos, values = _walk(buf, pos, explicit=explicit, wanted=_WANTED)
-    if pixel_pos is None:
-        raise _Unsupported  # no pixel data: pydicom says why
     header_len = 12 if explicit else 8
     if pixel_pos + header_len > len(buf):
         raise _NeedMore
     if explicit:
         if buf[pixel_pos + 4 : pixel_pos + 6] not in (b"OB", b"OW"):
             raise _Unsupported
-        (length,) = struct.unpack_from("<L", buf, pixel_pos + 8)
+        (length,) = _LENGTH(buf, pixel_pos + 8)
     else:
-        (length,) = struct.unpack_from("<L", buf, pixel_pos + 4)
+        (length,) = _LENGTH(buf, pixel_pos + 4)
     offset = pixel_pos + header_len
     if length == _UNDEFINED or length == 0 or offset + length > size:
         raise _Unsupported  # encapsulated, empty or truncated
@@ -150,13 +145,14 @@ def _scan(buf: bytes, size: int) -> ScannedHeader:
         raise _Unsupported from None
     if length < expected:
         raise _Unsupported
-    return ScannedHeader(values=values, transfer_syntax=syntax, pixel_offset=offset, pixel_length=length)
+    return ScannedHeader(values=values, pixel_offset=offset)
 
 
 def _walk(buf: bytes, pos: int, *, explicit: bool, wanted: dict, group: int | None = None, in_item=False):
     """Walk data elements from ``pos``.
 
-    Top level: returns (position of the Pixel Data element or None at the end, values).
+    Top level: returns (position of the Pixel Data element, values); running out of bytes
+    before it raises _NeedMore (the caller reads more, or gives up at the end of the file).
     ``group``: stop before the first element of another group (the file meta information).
     ``in_item``: walk one sequence item of undefined length; returns (position after its
     delimiter, {}).
@@ -219,7 +215,7 @@ def _skip_sequence(buf: bytes, pos: int, explicit: bool) -> int:
     while True:
         if pos + 8 > end:
             raise _NeedMore
-        g, e, length = struct.unpack_from("<HHL", buf, pos)
+        g, e, _, length = _IMPLICIT_HEADER(buf, pos)  # item headers have no VR in either encoding
         tag = g << 16 | e
         pos += 8
         if tag == _SEQUENCE_END:
