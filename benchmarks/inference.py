@@ -51,10 +51,10 @@ def _dir_size(path: Path) -> int:
 
 def build_untrained_export(work: Path) -> tuple[Path, Path]:
     """An untrained end-to-end model at the CPU demo sizes, exported (all four TFLite variants)."""
-    from lumbar_tf.config import load_config
-    from lumbar_tf.export import export_model
-    from lumbar_tf.model import build_grader, build_localizer
-    from lumbar_tf.pipeline_model import build_end_to_end
+    from lumbar_tf.core.config import load_config
+    from lumbar_tf.export.job import export_model
+    from lumbar_tf.models.end_to_end import build_end_to_end
+    from lumbar_tf.models.networks import build_grader, build_localizer
 
     cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None)
     p = cfg.preprocess
@@ -71,11 +71,11 @@ def build_untrained_export(work: Path) -> tuple[Path, Path]:
 
 def input_views(cfg, n: int, work: Path, data_dir: Path | None) -> tuple[dict, float]:
     """Views of ``n`` phantom studies (from ``data_dir`` when given) and the median DICOM->views seconds."""
-    from lumbar_tf.dicom import read_study
+    from lumbar_tf.dicom.reader import read_study
     from lumbar_tf.preprocess import build_views
 
     if data_dir is None or not (data_dir / "train_images").is_dir():
-        from lumbar_tf.synthetic import synthesize_dataset
+        from lumbar_tf.synthetic.phantom import synthesize_dataset
 
         data_dir = synthesize_dataset(work / "phantoms", n, seed=2024)
     studies = sorted((data_dir / "train_images").iterdir())[:n]
@@ -115,10 +115,10 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=Path(__file__).with_name("inference_results.md"))
     args = parser.parse_args()
 
-    from lumbar_tf.edge import EdgeModel
-    from lumbar_tf.export import SavedModelRunner
-    from lumbar_tf.inference import load_model
-    from lumbar_tf.predict import resolve_model
+    from lumbar_tf.runtime.artifacts import resolve_model
+    from lumbar_tf.runtime.keras_model import load_model
+    from lumbar_tf.runtime.saved_model import SavedModelRunner
+    from lumbar_tf.runtime.tflite_model import EdgeModel
 
     work = Path(tempfile.mkdtemp(prefix="lumbar_bench_"))
     try:

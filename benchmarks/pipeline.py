@@ -79,7 +79,7 @@ def measure(data: Path, cfg, repeats: int, work: Path, tag: str) -> dict:
     starts the forkserver that forks the workers (`lumbar_tf.data._start_pool`). In the
     ``lumbar-tf prepare`` command that start-up runs while TensorFlow is imported.
     """
-    from lumbar_tf.data import localizer_dataset, prepare_cache
+    from lumbar_tf.data.dataset import localizer_dataset, prepare_cache
 
     baseline, prepared, serial, first_epoch, cached_epoch = [], [], [], [], []
     first_call = n = 0
@@ -138,8 +138,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("pipeline_results.json"))
     args = parser.parse_args()
 
-    from lumbar_tf.config import PreprocessConfig
-    from lumbar_tf.synthetic import synthesize_dataset
+    from lumbar_tf.core.config import PreprocessConfig
+    from lumbar_tf.synthetic.phantom import synthesize_dataset
 
     cfg = PreprocessConfig()
     work = Path(tempfile.mkdtemp(prefix="lumbar_bench_"))

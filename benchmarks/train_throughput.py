@@ -42,9 +42,9 @@ def measure(policy: str, args) -> dict:
     import keras
     import numpy as np
 
-    from lumbar_tf.config import ModelConfig
-    from lumbar_tf.losses import OrdinalFocalLoss
-    from lumbar_tf.model import build_grader
+    from lumbar_tf.core.config import ModelConfig
+    from lumbar_tf.models.losses import OrdinalFocalLoss
+    from lumbar_tf.models.networks import build_grader
 
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)

@@ -6,7 +6,7 @@ lumbar_tf/export.py); kept for teams that launch the export from a script path.
 
 import sys
 
-from lumbar_tf.cli import main
+from lumbar_tf.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["export", *sys.argv[1:]]))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lumbar_tf.config import PreprocessConfig, ViewSpec
-from lumbar_tf.dicom import SAGITTAL_T2, DicomError, Series, Study
+from lumbar_tf.core.config import PreprocessConfig, ViewSpec
+from lumbar_tf.dicom.reader import SAGITTAL_T2, DicomError, Series, Study
 
 # === Intensity ===
 
@@ -305,9 +305,7 @@ def build_views(
         if series is None:
             views[spec.name] = np.zeros((grid.size, grid.size, 3), dtype=np.uint8)
             info[spec.name] = []
-            warnings.append(
-                f"{study.study_id}: no {spec.series_description!r} series; view {spec.name} is zeros"
-            )
+            warnings.append(f"no {spec.series_description!r} series; view {spec.name} is zeros")
             continue
         views[spec.name], info[spec.name] = build_view(series, spec, grid, cfg)
     return views, grid, info, warnings

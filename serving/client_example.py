@@ -17,15 +17,13 @@ import sys
 
 import numpy as np
 
-from lumbar_tf.predictions import write_predictions
-from lumbar_tf.serving_client import (
-    GrpcClient,
-    RestClient,
-    ServingError,
-    load_export_metadata,
-    predict_study,
-    preprocess_config_from_metadata,
-)
+from lumbar_tf.core.errors import ServingError
+from lumbar_tf.runtime.artifacts import load_export_metadata, preprocess_config_from_metadata
+from lumbar_tf.runtime.predictions import write_predictions
+from lumbar_tf.runtime.predictor import predict_study
+from lumbar_tf.runtime.serving.grpc import GrpcClient
+from lumbar_tf.runtime.serving.predictor import ServingPredictor
+from lumbar_tf.runtime.serving.rest import RestClient
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for client in clients:
             if args.study:
-                preds = predict_study(client, args.study, cfg, metadata=metadata)
+                preds = predict_study(ServingPredictor(client, metadata), args.study).predictions
                 worst = max(preds["cells"], key=lambda c: c["rsna"]["severe"])
                 print(
                     f"{client!r}: study {preds['study_id']}: "

@@ -33,7 +33,7 @@ def spy_decodes(monkeypatch):
     from the file (native pixels located by the fast header scan)."""
     from pydicom.dataset import Dataset
 
-    from lumbar_tf import dicom
+    from lumbar_tf.dicom import reader as dicom
 
     decoded: list[str] = []
     by_pydicom, native = Dataset.pixel_array, dicom._read_native
@@ -54,21 +54,21 @@ def spy_decodes(monkeypatch):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
     """Twelve phantom studies in the RSNA layout (read-only for tests: copy before damaging)."""
-    from lumbar_tf.synthetic import synthesize_dataset
+    from lumbar_tf.synthetic.phantom import synthesize_dataset
 
     return synthesize_dataset(tmp_path_factory.mktemp("phantom"), 12, seed=7)
 
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from lumbar_tf.config import load_config
+    from lumbar_tf.core.config import load_config
 
     return load_config(None, TINY_OVERRIDES)
 
 
 @pytest.fixture(scope="session")
 def phantom_cache(phantom_dir, tiny_config, tmp_path_factory):
-    from lumbar_tf.data import prepare_cache
+    from lumbar_tf.data.dataset import prepare_cache
 
     cache = tmp_path_factory.mktemp("cache")
     prepare_cache(phantom_dir, cache, tiny_config.preprocess, workers=2, progress=False)
@@ -78,7 +78,7 @@ def phantom_cache(phantom_dir, tiny_config, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(phantom_dir, phantom_cache, tmp_path_factory):
     """A finished run of both stages at tiny size (weights are meaningless, shapes are real)."""
-    from lumbar_tf.train import train
+    from lumbar_tf.training.train import train
 
     run = tmp_path_factory.mktemp("run") / "run"
     return train(phantom_dir, run, overrides=TINY_OVERRIDES, cache_dir=phantom_cache)
@@ -89,7 +89,7 @@ def tiny_export(tiny_run, phantom_cache, phantom_dir):
     """The tiny run exported once per session: SavedModel, four TFLite variants, held-out AUC."""
     from pathlib import Path
 
-    from lumbar_tf.export import export_model
+    from lumbar_tf.export.job import export_model
 
     out = Path(tiny_run).parent / "shared_export"
     if not (out / "export_report.json").exists():
@@ -102,3 +102,19 @@ def tiny_export(tiny_run, phantom_cache, phantom_dir):
             progress=False,
         )
     return out
+
+
+def predict_to(model, study_dir, out_dir, heatmaps: bool = False) -> dict:
+    """Predict one study with a model path (any runtime) or a predictor, write OUT/predictions.json,
+    and return the predictions dict: what `lumbar-tf predict --study` does."""
+    from lumbar_tf.report.heatmaps import write_heatmaps_for
+    from lumbar_tf.runtime.artifacts import load_predictor
+    from lumbar_tf.runtime.predictions import write_predictions
+    from lumbar_tf.runtime.predictor import predict_study
+
+    predictor = model if hasattr(model, "predict_views") else load_predictor(model)
+    result = predict_study(predictor, study_dir)
+    if heatmaps:
+        write_heatmaps_for(result, out_dir)
+    write_predictions(os.path.join(out_dir, "predictions.json"), result.predictions)
+    return result.predictions

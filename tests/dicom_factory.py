@@ -1,6 +1,6 @@
 """Small helpers that write real DICOM series into temporary folders for the tests.
 
-Not the phantom generator (that is ``lumbar_tf.synthetic``): these write tiny MR series whose
+Not the phantom generator (that is ``lumbar_tf.synthetic.phantom``): these write tiny MR series whose
 geometry, pixel values and encoding the tests choose exactly.
 
 Geometry is LPS (+x left, +y posterior, +z head). A sagittal slice has rows running anterior ->

@@ -32,8 +32,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from lumbar_tf import labels
-from lumbar_tf.config import PreprocessConfig, config_to_dict
+from lumbar_tf.core import labels
+from lumbar_tf.core.config import PreprocessConfig, config_to_dict
 
 VIEW_NAMES = ("sag_t2", "sag_t1")
 OUTPUT_SHAPES = {

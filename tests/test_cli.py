@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from lumbar_tf.data import read_index
+from lumbar_tf.data.dataset import read_index
 from tests.conftest import TINY_OVERRIDES
 
 
 def run_cli(*args, timeout=300):
     proc = subprocess.run(
-        [sys.executable, "-m", "lumbar_tf.cli", *map(str, args)],
+        [sys.executable, "-m", "lumbar_tf.cli.main", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from lumbar_tf.config import ConfigError, load_config, save_config
+from lumbar_tf.core.config import ConfigError, load_config, save_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "lumbar_tf" / "configs"
 
 
 @pytest.mark.parametrize("name", ["cpu_demo.yaml", "gpu_effnetb3.yaml"])

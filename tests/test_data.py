@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from lumbar_tf import labels as L
-from lumbar_tf.data import (
+from lumbar_tf.core import labels as L
+from lumbar_tf.data.dataset import (
     DatasetError,
     grader_dataset,
     load_studies,
@@ -160,7 +160,7 @@ def test_dataset_without_usable_labels_is_an_error(tmp_path):
 
 
 def read_index_cfg():
-    from lumbar_tf.config import PreprocessConfig
+    from lumbar_tf.core.config import PreprocessConfig
 
     return PreprocessConfig(view_size=32, crop_size=16)
 

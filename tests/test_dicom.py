@@ -1,4 +1,4 @@
-"""lumbar_tf.dicom: reading studies, geometry, pixels, series types and bad input."""
+"""lumbar_tf.dicom.reader: reading studies, geometry, pixels, series types and bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from lumbar_tf.dicom import (
+from lumbar_tf.dicom.reader import (
     AXIAL_T2,
     SAGITTAL_T1,
     SAGITTAL_T2,

@@ -1,4 +1,4 @@
-"""lumbar_tf.dicom_scan: the fast header scan agrees with pydicom, or steps aside."""
+"""lumbar_tf.dicom.header_scan: the fast header scan agrees with pydicom, or steps aside."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
-from lumbar_tf import dicom
-from lumbar_tf.dicom import decode_instance, decode_stored, read_instance_header
-from lumbar_tf.dicom_scan import scan_header
+from lumbar_tf.dicom import reader as dicom
+from lumbar_tf.dicom.header_scan import scan_header
+from lumbar_tf.dicom.reader import decode_instance, decode_stored, read_instance_header
 
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder (pytest prepends it)
     from tests import dicom_factory as factory

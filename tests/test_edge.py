@@ -1,5 +1,5 @@
-"""The tablet runner (`lumbar_tf.edge`, `lumbar-tf-edge`): no TensorFlow, same predictions as the
-SavedModel, one-line errors for bad input, missing views fed as zeros with a warning."""
+"""The tablet runner (`lumbar_tf.runtime.tflite_model`, `lumbar-tf-edge`): no TensorFlow, same
+predictions as the SavedModel, one-line errors for bad input, missing views fed as zeros with a warning."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumbar_tf import labels
+from lumbar_tf.core import labels
 
 NAME = "lumbar_spine"
 HEAVY = ("tensorflow", "keras", "tf_keras", "jax", "torch")
@@ -39,7 +39,7 @@ def _tflite(export_dir, variant="float32") -> Path:
 
 def copy_study_without(study_dir: Path, dest: Path, *, planes=(), descriptions=()) -> Path:
     """Copy a study, leaving out its series of the given planes or descriptions."""
-    from lumbar_tf.dicom import read_study
+    from lumbar_tf.dicom.reader import read_study
 
     target = dest / study_dir.name
     shutil.copytree(study_dir, target)
@@ -54,7 +54,7 @@ def test_runner_never_imports_tensorflow_and_matches_saved_model(export_dir, stu
     out = tmp_path / "edge"
     code = (
         "import json, sys\n"
-        "from lumbar_tf.edge import main\n"
+        "from lumbar_tf.cli.edge import main\n"
         f"rc = main(['--model', {str(_tflite(export_dir))!r}, '--study', {str(study_dir)!r}, "
         f"'--out', {str(out)!r}, '--heatmaps'])\n"
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
@@ -68,9 +68,9 @@ def test_runner_never_imports_tensorflow_and_matches_saved_model(export_dir, stu
     heavy = json.loads(done.stdout.split("HEAVY=")[-1].strip().splitlines()[0])
     assert heavy == [], f"the tablet runner imported {heavy}"
 
-    from lumbar_tf.predict import predict_study_with_model
+    from tests.conftest import predict_to
 
-    reference = predict_study_with_model(export_dir / "saved_model" / NAME / "1", study_dir, tmp_path / "sm")
+    reference = predict_to(export_dir / "saved_model" / NAME / "1", study_dir, tmp_path / "sm")
     edge = json.loads((out / "predictions.json").read_text())
     assert edge["model"] == {"name": NAME, "version": 1, "format": "tflite_float32"}
     assert reference["model"]["format"] == "saved_model"
@@ -90,7 +90,7 @@ def test_runner_never_imports_tensorflow_and_matches_saved_model(export_dir, stu
 
 def _run_edge_cli(*args, timeout=60):
     return subprocess.run(
-        [sys.executable, "-m", "lumbar_tf.edge", *map(str, args)],
+        [sys.executable, "-m", "lumbar_tf.cli.edge", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -149,7 +149,8 @@ class _Spy:
 
 
 def test_missing_view_is_zeroed_with_a_warning(export_dir, study_dir, tmp_path):
-    from lumbar_tf.edge import EdgeModel, predict_study
+    from lumbar_tf.runtime.predictor import predict_study
+    from lumbar_tf.runtime.tflite_model import EdgeModel
 
     no_t1 = copy_study_without(study_dir, tmp_path, descriptions=("Sagittal T1",))
     spy = _Spy(EdgeModel(_tflite(export_dir, "dynamic")))
@@ -162,7 +163,8 @@ def test_missing_view_is_zeroed_with_a_warning(export_dir, study_dir, tmp_path):
 
 @pytest.mark.parametrize("variant", ["float16", "dynamic", "int8"])
 def test_every_variant_predicts_a_study(export_dir, study_dir, variant):
-    from lumbar_tf.edge import EdgeModel, predict_study
+    from lumbar_tf.runtime.predictor import predict_study
+    from lumbar_tf.runtime.tflite_model import EdgeModel
 
     model = EdgeModel(_tflite(export_dir, variant))
     assert model.metadata_source == "embedded" and model.variant == variant
@@ -175,7 +177,8 @@ def test_every_variant_predicts_a_study(export_dir, study_dir, variant):
 
 
 def test_metadata_falls_back_to_sidecar_and_export_metadata(export_dir, tmp_path):
-    from lumbar_tf.edge import EdgeError, EdgeModel, find_metadata
+    from lumbar_tf.core.errors import ModelLoadError
+    from lumbar_tf.runtime.tflite_model import EdgeModel, find_metadata
 
     src = _tflite(export_dir)
     # A file without the embedded entry: the sidecar, then EXPORT/metadata.json are used.
@@ -190,7 +193,7 @@ def test_metadata_falls_back_to_sidecar_and_export_metadata(export_dir, tmp_path
     (export / "tflite").mkdir(parents=True)
     target = export / "tflite" / src.name
     target.write_bytes(bare)
-    with pytest.raises(EdgeError, match="no preprocessing metadata"):
+    with pytest.raises(ModelLoadError, match="no preprocessing metadata"):
         EdgeModel(target)
     shutil.copy(export_dir / "metadata.json", export / "metadata.json")
     assert find_metadata(target, bare)[1] == "export metadata.json"
@@ -202,7 +205,8 @@ def test_metadata_falls_back_to_sidecar_and_export_metadata(export_dir, tmp_path
 def test_tflite_without_lumbar_signatures_is_rejected(tmp_path):
     import tensorflow as tf
 
-    from lumbar_tf.edge import EdgeError, EdgeModel
+    from lumbar_tf.core.errors import ModelLoadError
+    from lumbar_tf.runtime.tflite_model import EdgeModel
 
     class Double(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
@@ -215,7 +219,7 @@ def test_tflite_without_lumbar_signatures_is_rejected(tmp_path):
     )
     path = tmp_path / "double.tflite"
     path.write_bytes(converter.convert())
-    with pytest.raises(EdgeError, match="not a lumbar-tf TFLite export"):
+    with pytest.raises(ModelLoadError, match="not a lumbar-tf TFLite export"):
         EdgeModel(path)
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lumbar_tf import explain, heatmaps
-from lumbar_tf import labels as L
-from lumbar_tf.config import PreprocessConfig
-from lumbar_tf.dicom import DicomError, read_series_descriptions, read_study
+from lumbar_tf.core import labels as L
+from lumbar_tf.core.config import PreprocessConfig
+from lumbar_tf.dicom.reader import DicomError, read_series_descriptions, read_study
 from lumbar_tf.preprocess import ViewGrid, level_boxes
+from lumbar_tf.report import explain, heatmaps
 from tests import dicom_factory as factory
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "cpu_demo.yaml"
@@ -61,8 +61,9 @@ def test_predictions_json_has_the_output_contract(explained, phantom_dir):
 
 
 def test_predictions_json_is_what_predict_writes(explained, tiny_run, phantom_dir, tmp_path):
-    predict = pytest.importorskip("lumbar_tf.predict")
-    predict.predict_study_with_model(tiny_run, _first_study(phantom_dir), tmp_path)
+    from tests.conftest import predict_to
+
+    predict_to(tiny_run, _first_study(phantom_dir), tmp_path)
     theirs = json.loads((tmp_path / "predictions.json").read_text())
     ours = json.loads(explained["paths"]["predictions"].read_text())
     assert ours == theirs
@@ -129,7 +130,7 @@ def test_cams_cover_each_crop_and_come_from_the_right_slice(explained, phantom_d
 
 
 def test_no_patient_identifier_in_any_output(explained, phantom_dir):
-    from lumbar_tf.synthetic import phi_values
+    from lumbar_tf.synthetic.phantom import phi_values
 
     study_id = _first_study(phantom_dir).name
     identifiers = phi_values(int(study_id))
@@ -254,7 +255,7 @@ def test_gradcam_plus_plus_weights():
 
 
 def test_tflite_and_savedmodel_get_a_clear_message(tmp_path, phantom_dir, capsys):
-    from lumbar_tf import cli
+    from lumbar_tf.cli import main as cli
 
     tflite = tmp_path / "model_int8.tflite"
     tflite.write_bytes(b"TFL3")
@@ -276,11 +277,8 @@ def test_tflite_and_savedmodel_get_a_clear_message(tmp_path, phantom_dir, capsys
 
 def _predict_error(model, study, out):
     """The exception `lumbar-tf predict` raises for a study, or None when predict is not there."""
-    try:
-        from lumbar_tf.predict import run_predict
-    except ImportError:
-        return None
-    from lumbar_tf.cli import build_parser
+    from lumbar_tf.cli.main import build_parser
+    from lumbar_tf.cli.predict import run_predict
 
     args = build_parser().parse_args(
         ["predict", "--model", str(model), "--study", str(study), "--out", str(out)]
@@ -310,7 +308,7 @@ def test_unreadable_study_raises_the_same_dicom_error_as_predict(tmp_path, tiny_
 
 
 def test_cli_explain_exit_codes(tiny_run, phantom_dir, tmp_path, capsys):
-    from lumbar_tf import cli
+    from lumbar_tf.cli import main as cli
 
     out = tmp_path / "cli_out"
     assert (
@@ -348,7 +346,7 @@ def _write_forced_study(
     Uses a ``grades=`` argument of `synthetic.synthesize_study` where it has one; otherwise replaces
     the study's grade draw (the first draw from its generator) with the given grades.
     """
-    from lumbar_tf import synthetic
+    from lumbar_tf.synthetic import phantom as synthetic
 
     grades = np.asarray(grades, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -383,8 +381,8 @@ def _demo_run(tmp_path_factory) -> Path:
         if not (Path(given) / "model.keras").exists():
             pytest.fail(f"LUMBAR_DEMO_RUN={given}: no model.keras there (a finished run folder is needed)")
         return Path(given)
-    from lumbar_tf.synthetic import synthesize_dataset
-    from lumbar_tf.train import train
+    from lumbar_tf.synthetic.phantom import synthesize_dataset
+    from lumbar_tf.training.train import train
 
     root = tmp_path_factory.mktemp("demo")
     data = synthesize_dataset(root / "data", 240, seed=0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumbar_tf import labels
+from lumbar_tf.core import labels
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "lumbar_spine"
@@ -34,7 +34,7 @@ def report(export_dir):
 
 @pytest.fixture(scope="module")
 def keras_model(tiny_run):
-    from lumbar_tf.inference import load_model
+    from lumbar_tf.runtime.keras_model import load_model
 
     return load_model(tiny_run)
 
@@ -42,7 +42,7 @@ def keras_model(tiny_run):
 @pytest.fixture(scope="module")
 def study_views(phantom_dir, keras_model):
     """Views of three phantom studies, built by the shared numpy preprocessing."""
-    from lumbar_tf.dicom import read_study
+    from lumbar_tf.dicom.reader import read_study
     from lumbar_tf.preprocess import build_views
 
     cfg = keras_model.preprocess
@@ -121,8 +121,8 @@ def test_saved_model_stores_each_weight_once(export_dir, keras_model):
 
 
 def test_metadata_beside_version_and_at_root(export_dir, keras_model, tiny_run):
-    from lumbar_tf.config import config_to_dict
-    from lumbar_tf.serving_client import load_export_metadata, preprocess_config_from_metadata
+    from lumbar_tf.core.config import config_to_dict
+    from lumbar_tf.runtime.artifacts import load_export_metadata, preprocess_config_from_metadata
 
     version_meta = json.loads((export_dir / "saved_model" / NAME / "1" / "metadata.json").read_text())
     root_meta = json.loads((export_dir / "metadata.json").read_text())
@@ -179,7 +179,7 @@ def test_report_has_sizes_differences_and_auc(report, export_dir):
 def test_tflite_variant_builtin_ops_and_signatures_run(export_dir, variant, tiny_config):
     from ai_edge_litert.interpreter import Interpreter
 
-    from lumbar_tf.edge import read_embedded_metadata
+    from lumbar_tf.runtime.tflite_model import read_embedded_metadata
 
     path = export_dir / "tflite" / f"{NAME}_{variant}.tflite"
     content = path.read_bytes()
@@ -214,7 +214,7 @@ def test_tflite_variant_builtin_ops_and_signatures_run(export_dir, variant, tiny
 
 @pytest.mark.parametrize("variant", ["float32", "float16"])
 def test_float_variants_agree_with_keras(export_dir, variant, study_views, keras_outputs):
-    from lumbar_tf.edge import EdgeModel
+    from lumbar_tf.runtime.tflite_model import EdgeModel
 
     edge = EdgeModel(export_dir / "tflite" / f"{NAME}_{variant}.tflite")
     got = edge.predict_views(study_views)
@@ -223,7 +223,7 @@ def test_float_variants_agree_with_keras(export_dir, variant, study_views, keras
 
 
 def test_quantized_variants_stay_close(export_dir, study_views, keras_outputs):
-    from lumbar_tf.edge import EdgeModel
+    from lumbar_tf.runtime.tflite_model import EdgeModel
 
     for variant, tol in (("dynamic", 0.02), ("int8", 0.1)):
         got = EdgeModel(export_dir / "tflite" / f"{NAME}_{variant}.tflite").predict_views(study_views)
@@ -238,8 +238,8 @@ def _children(model_dir: Path) -> list[str]:
 
 
 def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, tmp_path, monkeypatch):
-    from lumbar_tf import export
-    from lumbar_tf.export import ExportError, export_model
+    from lumbar_tf.export import job as export
+    from lumbar_tf.export.job import ExportError, export_model
 
     out = tmp_path / "export"
     kwargs = {"tflite": (), "cache_dir": phantom_cache, "representative_size": 2, "progress": False}
@@ -267,7 +267,7 @@ def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, t
 
 
 def test_missing_or_corrupt_model_is_one_clear_error(tmp_path):
-    from lumbar_tf.export import ExportError, export_model
+    from lumbar_tf.export.job import ExportError, export_model
 
     out = tmp_path / "export"
     with pytest.raises(ExportError) as missing:
@@ -286,7 +286,7 @@ def test_missing_or_corrupt_model_is_one_clear_error(tmp_path):
 
 
 def test_cli_export_bad_model_exits_2_with_one_line(tmp_path, capsys):
-    from lumbar_tf.cli import main
+    from lumbar_tf.cli.main import main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -301,14 +301,14 @@ def test_cli_export_bad_model_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_cli_rejects_unknown_variant(tiny_run, tmp_path, capsys):
-    from lumbar_tf.cli import main
+    from lumbar_tf.cli.main import main
 
     code = main(["export", "--model", str(tiny_run), "--out", str(tmp_path), "--tflite", "float32,int4"])
     assert code == 2 and "int4" in capsys.readouterr().err
 
 
 def test_parse_variants():
-    from lumbar_tf.export import ExportError, parse_variants
+    from lumbar_tf.export.job import ExportError, parse_variants
 
     assert parse_variants("float32,int8") == ("float32", "int8")
     assert parse_variants(" INT8 , int8 ") == ("int8",)

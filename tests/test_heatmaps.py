@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lumbar_tf import heatmaps
-from lumbar_tf import labels as L
-from lumbar_tf.predictions import build_predictions
+from lumbar_tf.core import labels as L
+from lumbar_tf.report import heatmaps
+from lumbar_tf.runtime.predictions import build_predictions
 
 # Disc levels top to bottom on a 240 x 200 (rows x cols) midline slice, in source pixels.
 LEVEL_XY = np.array([[96.0, 52.5], [101.0, 88.0], [104.5, 121.0], [103.0, 158.5], [96.5, 191.0]])
@@ -149,7 +149,7 @@ def test_heatmaps_never_imports_tensorflow(tmp_path):
     code = f"""
 import sys
 import numpy as np
-from lumbar_tf import heatmaps
+from lumbar_tf.report import heatmaps
 from tests.test_heatmaps import _predictions, _slice
 heatmaps.write_heatmaps(_predictions(), _slice(), {str(tmp_path)!r})
 heavy = sorted(m for m in ("tensorflow", "keras", "tf_keras", "jax", "torch") if m in sys.modules)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lumbar_tf import labels as L
+from lumbar_tf.core import labels as L
 
 
 def test_rsna_strings_round_trip():

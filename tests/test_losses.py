@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lumbar_tf.config import LossConfig
-from lumbar_tf.losses import MaskedLevelLoss, OrdinalFocalLoss
+from lumbar_tf.core.config import LossConfig
+from lumbar_tf.models.losses import MaskedLevelLoss, OrdinalFocalLoss
 
 
 def _y_true(targets, mask):

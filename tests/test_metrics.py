@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from lumbar_tf import labels as L
-from lumbar_tf import metrics as M
+from lumbar_tf.core import labels as L
+from lumbar_tf.training import metrics as M
 
 NM, UNK = L.NORMAL_MILD, L.UNKNOWN
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lumbar_tf import model as M
-from lumbar_tf.config import ModelConfig
-from lumbar_tf.losses import MaskedLevelLoss, OrdinalFocalLoss
+from lumbar_tf.core import labels
+from lumbar_tf.core.config import ModelConfig
+from lumbar_tf.models import networks as M
+from lumbar_tf.models.losses import MaskedLevelLoss, OrdinalFocalLoss
 
 CROP = 32
 VIEW = 64
@@ -28,7 +29,7 @@ def _grader_batch(n=10, crop=CROP, seed=0):
 
 
 def _grader_targets(n=10, seed=0):
-    from lumbar_tf.labels import NORMAL_MILD, UNKNOWN, encode_grades
+    from lumbar_tf.core.labels import NORMAL_MILD, UNKNOWN, encode_grades
 
     rng = np.random.default_rng(seed)
     grades = rng.choice([0, 1, 2, 3, NORMAL_MILD, UNKNOWN], size=(n, 5))
@@ -82,10 +83,10 @@ def test_caffe_preprocess_matches_keras_applications():
 
 def test_level_batch_and_study_layouts_round_trip():
     per_level = np.arange(2 * 5 * 5 * 3).reshape(10, 5, 3)  # [B*5 (level-major), condition, threshold]
-    study = M.level_batch_to_study(per_level)
+    study = labels.level_batch_to_study(per_level)
     assert study.shape == (2, 5, 5, 3)
     np.testing.assert_array_equal(study[1, 2, 4], per_level[1 * 5 + 4, 2])  # study 1, condition 2, level 4
-    np.testing.assert_array_equal(M.study_to_level_batch(study), per_level)
+    np.testing.assert_array_equal(labels.study_to_level_batch(study), per_level)
 
 
 def test_threshold_probs_from_logits_is_a_stable_sigmoid():

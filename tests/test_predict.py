@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumbar_tf import labels
+from lumbar_tf.core import labels
 
 NAME = "lumbar_spine"
 
@@ -30,7 +30,7 @@ def study_dirs(phantom_dir):
 
 
 def copy_study_without(study_dir: Path, dest: Path, *, planes=(), descriptions=()) -> Path:
-    from lumbar_tf.dicom import read_study
+    from lumbar_tf.dicom.reader import read_study
 
     target = dest / study_dir.name
     shutil.copytree(study_dir, target)
@@ -45,7 +45,7 @@ def _grade_probs(preds: dict) -> np.ndarray:
 
 
 def test_every_runtime_gives_the_same_predictions(export_dir, tiny_run, study_dirs, tmp_path):
-    from lumbar_tf.predict import predict_study_with_model
+    from tests.conftest import predict_to
 
     study = study_dirs[1]
     models = {
@@ -58,7 +58,7 @@ def test_every_runtime_gives_the_same_predictions(export_dir, tiny_run, study_di
     results = {}
     for key, path in models.items():
         out = tmp_path / key
-        preds = predict_study_with_model(path, study, out)
+        preds = predict_to(path, study, out)
         assert json.loads((out / "predictions.json").read_text())["study_id"] == study.name
         assert [(c["condition"], c["level"]) for c in preds["cells"]] == [
             (c, lv) for c in labels.CONDITIONS for lv in labels.LEVELS
@@ -77,7 +77,7 @@ def test_every_runtime_gives_the_same_predictions(export_dir, tiny_run, study_di
 
 
 def test_missing_view_warns_and_is_zeroed(export_dir, study_dirs, tmp_path, capsys):
-    from lumbar_tf.cli import main
+    from lumbar_tf.cli.main import main
 
     no_t1 = copy_study_without(study_dirs[0], tmp_path / "data", descriptions=("Sagittal T1",))
     out = tmp_path / "out"
@@ -92,7 +92,7 @@ def test_missing_view_warns_and_is_zeroed(export_dir, study_dirs, tmp_path, caps
 def _cli(*args, timeout=180):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
-        [sys.executable, "-m", "lumbar_tf.cli", *map(str, args)],
+        [sys.executable, "-m", "lumbar_tf.cli.main", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -119,7 +119,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(export_dir, study_dirs, tmp_path):
 
 
 def test_cli_usage_errors(tmp_path, capsys):
-    from lumbar_tf.cli import main
+    from lumbar_tf.cli.main import main
 
     assert main(["predict", "--model", str(tmp_path), "--study", "a", "--data", "b"]) == 2
     assert "exactly one of --study" in capsys.readouterr().err
@@ -152,7 +152,7 @@ def test_folder(phantom_dir, tmp_path_factory):
 
 
 def test_submission_for_a_test_folder_skips_bad_studies(export_dir, test_folder, tmp_path, capsys):
-    from lumbar_tf.cli import main
+    from lumbar_tf.cli.main import main
 
     root, good, bad = test_folder
     submission = tmp_path / "submission.csv"
@@ -161,20 +161,23 @@ def test_submission_for_a_test_folder_skips_bad_studies(export_dir, test_folder,
     args = ["predict", "--model", str(model), "--data", str(root), "--submission", str(submission)]
     assert main([*args, "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert f"skipped study {bad}" in captured.err and "no sagittal series" in captured.err
+    assert f"warning: study {bad}" in captured.err and "no sagittal series" in captured.err
     with open(submission) as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["row_id", "normal_mild", "moderate", "severe"]
     body = rows[1:]
-    assert len(body) == 25 * len(good)
-    order = sorted(good, key=int)
+    assert len(body) == 25 * (len(good) + 1)  # the unreadable study gets the prior's rows
+    order = sorted([*good, bad], key=int)
     assert [r[0] for r in body] == [
         f"{sid}_{c}_{lv}" for sid in order for c in labels.CONDITIONS for lv in labels.LEVELS
     ]
     for row in body:
         assert sum(float(v) for v in row[1:]) == pytest.approx(1.0, abs=1e-5)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_predicted"] == 2 and summary["n_skipped"] == 1 and bad in summary["skipped"]
+    report = json.loads((tmp_path / "submission.report.json").read_text())
+    assert report["n_predicted"] == 2 and report["n_from_prior"] == 1
+    assert "no sagittal series" in report["from_prior"][bad]
+    prior_rows = [r for r in body if r[0].startswith(f"{bad}_")]
+    assert len({tuple(r[1:]) for r in prior_rows}) > 1  # per-cell class frequencies, not one constant
     for sid in good:
         assert json.loads((out / sid / "predictions.json").read_text())["study_id"] == sid
 
@@ -188,12 +191,12 @@ def _serving_fixtures():
 
 
 def test_rest_server_path_matches_local_saved_model(export_dir, study_dirs, tmp_path):
-    from lumbar_tf.cli import main
-    from lumbar_tf.predict import predict_study_with_model
+    from lumbar_tf.cli.main import main
+    from tests.conftest import predict_to
 
     fixtures = _serving_fixtures()
     study = study_dirs[5]
-    local = predict_study_with_model(export_dir, study, tmp_path / "local")
+    local = predict_to(export_dir, study, tmp_path / "local")
     with fixtures.rest_server({NAME: export_dir / "saved_model" / NAME}) as server:
         out = tmp_path / "rest"
         args = ["predict", "--rest", server.base_url, "--metadata", str(export_dir / "metadata.json")]
@@ -207,28 +210,24 @@ def test_rest_server_path_matches_local_saved_model(export_dir, study_dirs, tmp_
 
 
 def test_heatmaps_hook_is_called_with_the_midline_slice(export_dir, study_dirs, tmp_path, monkeypatch):
-    import types
-
-    from lumbar_tf.predict import predict_study_with_model
+    from lumbar_tf.report import heatmaps
+    from tests.conftest import predict_to
 
     calls = []
 
     def write_heatmaps(predictions, midline_image, out_dir):
         calls.append((predictions, midline_image, Path(out_dir)))
         path = Path(out_dir) / "fake_heatmap.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"png")
         return [path]
 
-    monkeypatch.setitem(
-        sys.modules, "lumbar_tf.heatmaps", types.SimpleNamespace(write_heatmaps=write_heatmaps)
-    )
+    monkeypatch.setattr(heatmaps, "write_heatmaps", write_heatmaps)
     out = tmp_path / "out"
-    preds = predict_study_with_model(
-        export_dir / "tflite" / f"{NAME}_float32.tflite", study_dirs[0], out, True
-    )
+    preds = predict_to(export_dir / "tflite" / f"{NAME}_float32.tflite", study_dirs[0], out, True)
     assert len(calls) == 1
     given, image, where = calls[0]
-    assert given is preds and where == out and (out / "fake_heatmap.png").exists()
+    assert given["cells"] == preds["cells"] and where == out and (out / "fake_heatmap.png").exists()
     assert image.dtype == np.uint8 and image.ndim == 2 and image.max() > 0
     # the slice the level positions are on, in its own pixel grid
     assert image.shape[1] > max(lv["x"] for lv in preds["levels"]) >= 0

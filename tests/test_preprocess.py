@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from lumbar_tf.config import PreprocessConfig, ViewSpec
-from lumbar_tf.dicom import SAGITTAL_T1, SAGITTAL_T2, DicomError, ModalityMap, read_study
+from lumbar_tf.core.config import PreprocessConfig, ViewSpec
+from lumbar_tf.dicom.reader import SAGITTAL_T1, SAGITTAL_T2, DicomError, ModalityMap, read_study
 from lumbar_tf.preprocess import (
     ViewGrid,
     _histogram_percentiles,
@@ -43,7 +43,7 @@ SeriesSpec, write_series, write_study = factory.SeriesSpec, factory.write_series
 
 def test_preprocessing_imports_no_tensorflow():
     code = (
-        "import sys, lumbar_tf.preprocess, lumbar_tf.dicom\n"
+        "import sys, lumbar_tf.preprocess, lumbar_tf.dicom.reader\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'keras', 'tf_keras', 'jax', 'torch'))\n"
         "assert not bad, bad\n"

@@ -20,28 +20,24 @@ import yaml
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from lumbar_tf import labels
-from lumbar_tf.config import ConfigError, PreprocessConfig
-from lumbar_tf.dicom import read_study
-from lumbar_tf.predictions import (
+from lumbar_tf.core import labels
+from lumbar_tf.core.config import ConfigError, PreprocessConfig
+from lumbar_tf.core.errors import ServingError
+from lumbar_tf.dicom.reader import read_study
+from lumbar_tf.preprocess import build_views, source_px_to_view_norm
+from lumbar_tf.runtime.artifacts import load_export_metadata, preprocess_config_from_metadata
+from lumbar_tf.runtime.predictions import (
     INTENDED_USE,
     build_predictions,
     submission_rows,
     write_predictions,
     write_submission,
 )
-from lumbar_tf.preprocess import build_views, source_px_to_view_norm
-from lumbar_tf.serving_client import (
-    GrpcClient,
-    RestClient,
-    ServingError,
-    load_export_metadata,
-    ndarray_to_tensor_proto,
-    predict_study,
-    prepare_views,
-    preprocess_config_from_metadata,
-    tensor_proto_to_ndarray,
-)
+from lumbar_tf.runtime.predictor import predict_study as predict_study_with
+from lumbar_tf.runtime.serving.common import prepare_views
+from lumbar_tf.runtime.serving.grpc import GrpcClient, ndarray_to_tensor_proto, tensor_proto_to_ndarray
+from lumbar_tf.runtime.serving.predictor import ServingPredictor
+from lumbar_tf.runtime.serving.rest import RestClient
 from tests.dicom_factory import SeriesSpec, write_study
 from tests.serving_fixtures import (
     OUTPUT_SHAPES,
@@ -53,6 +49,12 @@ from tests.serving_fixtures import (
     random_views,
     rest_server,
 )
+
+
+def predict_study(client, study_dir, *, metadata):
+    """The one path from a study to predictions.json, with TF Serving as the predictor."""
+    return predict_study_with(ServingPredictor(client, metadata), study_dir).predictions
+
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING = REPO / "serving"
@@ -254,7 +256,10 @@ def test_prepare_views_rejects_bad_arrays_before_calling():
 
 
 def test_client_module_does_not_import_tensorflow():
-    code = "import sys, lumbar_tf.serving_client, lumbar_tf.predictions; print('tensorflow' in sys.modules)"
+    code = (
+        "import sys, lumbar_tf.runtime.serving.rest, lumbar_tf.runtime.serving.grpc, "
+        "lumbar_tf.runtime.serving.predictor, lumbar_tf.runtime.predictor; print('tensorflow' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
     )
@@ -530,7 +535,7 @@ def test_predict_study_end_to_end(export_dir, grpc_target, rest_url, tmp_path, t
 
 
 def test_level_positions_fall_back_to_the_next_view(export_dir, tmp_path):
-    from lumbar_tf.predictions import level_positions_from_views
+    from lumbar_tf.runtime.predictions import level_positions_from_views
 
     study_dir = write_study(tmp_path, "7", {"12": SeriesSpec("Sagittal T1", series_number=12, n_slices=9)})
     cfg = preprocess_config_from_metadata(load_export_metadata(export_dir))

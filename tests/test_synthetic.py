@@ -13,9 +13,16 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
 
-from lumbar_tf import synthetic
-from lumbar_tf.labels import CONDITION_TITLES, CONDITIONS, LABEL_COLUMNS, LEVEL_TITLES, LEVELS, grade_to_rsna
-from lumbar_tf.synthetic import (
+from lumbar_tf.core.labels import (
+    CONDITION_TITLES,
+    CONDITIONS,
+    LABEL_COLUMNS,
+    LEVEL_TITLES,
+    LEVELS,
+    grade_to_rsna,
+)
+from lumbar_tf.synthetic import phantom as synthetic
+from lumbar_tf.synthetic.phantom import (
     AXIAL_T2,
     SAGITTAL_T1,
     SAGITTAL_T2,

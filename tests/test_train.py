@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from lumbar_tf.data import DatasetError
-from lumbar_tf.train import RunFolderError, train
+from lumbar_tf.data.dataset import DatasetError
+from lumbar_tf.training.train import RunFolderError, train
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -77,8 +77,8 @@ def test_dataset_without_labels_is_a_clear_error(phantom_dir, tmp_path):
 
 
 def test_end_to_end_model_reloads_with_identical_outputs(tiny_run, phantom_cache, tiny_config):
-    from lumbar_tf.data import load_studies
-    from lumbar_tf.inference import load_model
+    from lumbar_tf.data.dataset import load_studies
+    from lumbar_tf.runtime.keras_model import load_model
 
     loaded = load_model(tiny_run)
     assert loaded.preprocess == tiny_config.preprocess
@@ -95,7 +95,7 @@ def test_end_to_end_model_reloads_with_identical_outputs(tiny_run, phantom_cache
 def test_level_crop_layer_matches_tf_crop_and_resize():
     import tensorflow as tf
 
-    from lumbar_tf.pipeline_model import LevelCrop
+    from lumbar_tf.models.end_to_end import LevelCrop
 
     rng = np.random.default_rng(0)
     image = rng.uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)

@@ -5,7 +5,7 @@ Same as `lumbar-tf train`; kept for teams that launch training from a script pat
 
 import sys
 
-from lumbar_tf.cli import main
+from lumbar_tf.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,220 @@
+"""The `lumbar-tf` command: synth | prepare | picture | train | evaluate | predict | explain | export | demo.
+
+Bad input ends with one line on stderr, ``error: <file or item>: <reason>``, exit status 2; other
+failures exit 1. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lumbar_tf.cli.errors import run_command
+from lumbar_tf.core.contract import INTENDED_USE
+
+# Quiet TensorFlow's C++ start-up chatter before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# === Commands ===
+
+
+def cmd_synth(args) -> int:
+    from lumbar_tf.synthetic.phantom import synthesize_dataset
+
+    out = synthesize_dataset(args.out, args.studies, args.seed, progress=True, split=args.split)
+    print(f"wrote {args.studies} phantom studies to {out}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from lumbar_tf.core.config import load_config
+    from lumbar_tf.data.dataset import prepare_cache
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = prepare_cache(args.data, args.out, cfg.preprocess, workers=args.workers)
+    print(f"cached {len(manifest['study_ids'])} studies in {args.out}; skipped {len(manifest['skipped'])}")
+    for sid, reason in manifest["skipped"].items():
+        print(f"  skipped {sid}: {reason}")
+    return 0
+
+
+def cmd_picture(args) -> int:
+    from lumbar_tf.report.study_picture import save_study_picture
+
+    path = save_study_picture(args.data, args.study_id, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from lumbar_tf.training.train import train
+
+    run = train(
+        args.data,
+        args.out,
+        config_path=args.config,
+        overrides=args.overrides,
+        stage=args.stage,
+        cache_dir=args.cache,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        weights=args.weights,
+    )
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from lumbar_tf.training.evaluate import evaluate, format_metrics_table
+
+    metrics = evaluate(args.model, args.data, args.out, cache_dir=args.cache, split_fold=args.fold)
+    print(format_metrics_table(metrics))
+    print(f"metrics written to {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from lumbar_tf.cli.predict import run_predict
+
+    return run_predict(args)
+
+
+def cmd_explain(args) -> int:
+    from lumbar_tf.report.explain import explain_study
+
+    result = explain_study(args.model, args.study, args.out)
+    paths = result["paths"]
+    print(f"study {result['study_id']}: wrote")
+    for key in ("predictions", "grid", "levels"):
+        print(f"  {paths[key]}")
+    for path in paths["gradcam"].values():
+        print(f"  {path}")
+    print(f"  {paths['report']}")
+    print(INTENDED_USE)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lumbar_tf.export.job import run_export
+
+    return run_export(args)
+
+
+def cmd_demo(args) -> int:
+    from lumbar_tf.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+# === Parser ===
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lumbar-tf",
+        description=f"Grade lumbar-spine degeneration on MRI. {INTENDED_USE}",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write phantom studies in the RSNA layout")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--studies", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="decode studies once into a TFRecord cache of model-ready views")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--config", type=Path)
+    p.add_argument("--workers", type=int, help="decoding processes (default: one per core; 1: no pool)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("picture", help="save a picture of one study with the grades it carries")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--study-id", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_picture)
+
+    p = sub.add_parser("train", help="train the level localiser, then the level grader")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--cache", type=Path, help="prepared cache (default: RUN/cache, prepared if absent)")
+    p.add_argument("--stage", choices=("localizer", "grader", "all"), default="all")
+    p.add_argument("--weights", help="backbone weights: none, imagenet (online) or a local file")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue a run folder")
+    group.add_argument("--overwrite", action="store_true", help="replace a finished run")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics on held-out studies, end to end")
+    p.add_argument("--model", required=True, type=Path, help="run folder")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--cache", type=Path)
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="evaluate this fold of the run's split (default: the validation fold when DATA is the "
+        "training data, else every study of DATA)",
+    )
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict one study, a test folder, or through TF Serving")
+    p.add_argument("--model", type=Path, help=".keras run/model, SavedModel folder or .tflite file")
+    p.add_argument("--study", type=Path, help="one study folder")
+    p.add_argument("--data", type=Path, help="an RSNA-layout test folder (with --submission)")
+    p.add_argument("--submission", type=Path, help="write a Kaggle submission CSV")
+    p.add_argument("--out", type=Path, help="output folder (default: predictions/, or beside --submission)")
+    p.add_argument("--server", help="TF Serving gRPC address HOST:8500")
+    p.add_argument("--rest", help="TF Serving REST base URL http://HOST:8501")
+    p.add_argument("--model-name", default="lumbar_spine")
+    p.add_argument("--metadata", type=Path, help="export metadata.json (preprocessing) for --server/--rest")
+    p.add_argument("--heatmaps", action="store_true", help="also write the grid and per-disc overlay")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="heatmaps, Grad-CAM and an HTML report for one study")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--study", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("export", help="SavedModel for TF Serving and TFLite variants for tablets")
+    p.add_argument("--model", required=True, type=Path, help="run folder or end-to-end .keras file")
+    p.add_argument("--out", required=True, type=Path, help="export root EXPORT/")
+    p.add_argument("--name", default="lumbar_spine", help="model name (TF Serving model_name)")
+    p.add_argument("--version", type=int, help="SavedModel version (default: the next free number)")
+    p.add_argument(
+        "--tflite", default="float32,float16,dynamic,int8", help="comma-separated TFLite variants, or none"
+    )
+    p.add_argument("--data", type=Path, help="held-out data for the export report's ROC-AUC")
+    p.add_argument(
+        "--representative-size", type=int, default=64, help="training studies for int8 calibration and checks"
+    )
+    p.add_argument("--metrics", type=Path, help="an evaluation metrics.json to store in the export metadata")
+    p.add_argument("--cache", type=Path, help="prepared cache of the training data (representative studies)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="synthesise, train, evaluate, export and explain on phantom data")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--studies", type=int, default=300)
+    p.add_argument("--config", type=Path)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""`lumbar-tf predict`: one study or a test folder, with any runtime, to predictions.json / a submission.
+
+    lumbar-tf predict --model RUN|model.keras|SAVED_MODEL|EXPORT|x.tflite --study DIR [--out OUT] [--heatmaps]
+    lumbar-tf predict --model ... --data TEST_FOLDER --submission submission.csv [--out OUT]
+    lumbar-tf predict --server HOST:8500 | --rest http://HOST:8501 --metadata EXPORT/metadata.json --study DIR
+
+The runtime is chosen from the model path (`runtime.artifacts.load_predictor`) or the server flag
+(`runtime.serving.predictor.ServingPredictor`); every runtime then takes the same path from the study
+to predictions.json (`runtime.predictor.predict_study`), and a folder the same path to a complete
+submission (`runtime.batch.predict_folder`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lumbar_tf.core.contract import INTENDED_USE, PREDICTIONS_FILE
+from lumbar_tf.core.errors import UsageError
+from lumbar_tf.runtime import predictions
+from lumbar_tf.runtime.predictor import predict_study
+
+
+def _predictor(args):
+    if args.server or args.rest:
+        from lumbar_tf.runtime.serving.predictor import ServingPredictor
+
+        source = args.metadata or args.model
+        if source is None:
+            raise UsageError("--metadata: required with --server/--rest (the export's metadata.json)")
+        if args.server:
+            from lumbar_tf.runtime.serving.grpc import GrpcClient
+
+            client = GrpcClient(args.server, model_name=args.model_name)
+        else:
+            from lumbar_tf.runtime.serving.rest import RestClient
+
+            client = RestClient(args.rest, model_name=args.model_name)
+        return ServingPredictor(client, source)
+    from lumbar_tf.runtime.artifacts import load_predictor
+
+    return load_predictor(args.model)
+
+
+def run_predict(args) -> int:
+    """``lumbar-tf predict`` (options: `lumbar_tf.cli.main.build_parser`)."""
+    if bool(args.study) == bool(args.data):
+        raise UsageError("predict: give exactly one of --study DIR or --data DIR")
+    if args.data and not args.submission:
+        raise UsageError("predict: --data needs --submission FILE")
+    if args.server and args.rest:
+        raise UsageError("predict: give --server or --rest, not both")
+    if not (args.server or args.rest) and args.model is None:
+        raise UsageError("predict: --model is required (or --server/--rest with --metadata)")
+    predictor = _predictor(args)
+    heatmaps = None
+    if args.heatmaps:
+        from lumbar_tf.report.heatmaps import write_heatmaps_for as heatmaps
+    try:
+        if args.study:
+            result = predict_study(predictor, args.study)
+            out = Path(args.out or "predictions")
+            if heatmaps is not None:
+                heatmaps(result, out)
+            path = predictions.write_predictions(out / PREDICTIONS_FILE, result.predictions)
+            print("\n".join(predictions.summary_lines(result.predictions, path)))
+        else:
+            from lumbar_tf.runtime.batch import predict_folder, report_path
+
+            report = predict_folder(predictor, args.data, args.submission, args.out, on_result=heatmaps)
+            print(
+                f"predicted {report['n_predicted']} of {report['n_studies']} studies; "
+                f"{report['n_from_prior']} from the training prior, {report['n_refused']} refused; "
+                f"submission: {args.submission} ({report['n_rows']} rows); "
+                f"report: {report_path(args.submission)}"
+            )
+            for study_id, reason in report["from_prior"].items():
+                print(f"  warning: study {study_id}: {reason}")
+            warnings = report["n_from_prior"] + report["n_refused"]
+            if warnings:
+                print(f"{warnings} warning(s)")
+    finally:
+        close = getattr(predictor, "close", None)
+        if close is not None:
+            close()
+    print(INTENDED_USE)
+    return 0

@@ -1,0 +1,40 @@
+"""Names shared by training, export and every runtime: defined once so they cannot drift apart.
+
+Signature, tensor and file names of the export contract (DESIGN.md "Export contract"), the output
+specification, and the intended-use line that every report, metadata file and output carries.
+"""
+
+from __future__ import annotations
+
+INTENDED_USE = "Research decision support only; not for diagnosis."
+
+DEFAULT_MODEL_NAME = "lumbar_spine"
+
+# SavedModel (TF Serving): one request per study.
+SERVING_SIGNATURE = "serving_default"
+OUTPUT_SPECS = {
+    "grade_probs": ([None, 5, 5, 4], "P(grade) per (condition, level): none, mild, moderate, severe"),
+    "threshold_probs": ([None, 5, 5, 3], "P(grade>=1), P(grade>=2), P(grade>=3) per (condition, level)"),
+    "presence": ([None, 5, 5], "probability of degeneration per (condition, level); see 'label_semantics'"),
+    "level_xy": ([None, 5, 2], "disc-level centres (x, y) in normalised view coordinates, L1/L2..L5/S1"),
+}
+OUTPUT_NAMES = tuple(OUTPUT_SPECS)
+
+# TFLite (tablets): two signatures, the runner crops between them.
+LOCALIZE = "localize"
+GRADE = "grade"
+TFLITE_SIGNATURES = (LOCALIZE, GRADE)
+LEVEL_INDEX = "level_index"
+LEVEL_XY = "level_xy"
+THRESHOLD_PROBS = "threshold_probs"
+TFLITE_METADATA_NAME = "lumbar_tf_metadata"  # flatbuffer metadata entry holding the JSON metadata
+
+# Files.
+MODEL_FILE = "model.keras"  # a run folder's end-to-end model
+RUN_CONFIG_FILE = "config.yaml"
+RUN_PRIOR_FILE = "prior.json"  # the training split's class frequencies, {"threshold_probs": [5,5,3]}
+METADATA_FILE = "metadata.json"  # beside each SavedModel version, and at the export root
+EXPORT_REPORT_FILE = "export_report.json"
+PREDICTIONS_FILE = "predictions.json"
+SUMMARY_FILE = "summary.json"
+SKIPPED_FILE = "skipped_studies.csv"

@@ -1,0 +1,637 @@
+"""Dataset index (RSNA CSV layout), TFRecord cache of model-ready views, and tf.data pipelines.
+
+Flow: CSVs -> `DatasetIndex` (labels, coordinates, series descriptions per study) ->
+`prepare_cache` (decode DICOM once in a process pool, write sharded TFRecords of views, level
+positions and grades, plus a skipped-studies report) -> `localizer_dataset` / `grader_dataset`
+(stream the cache: parse in parallel, cache in memory, shuffle, augment, batch, prefetch).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lumbar_tf.core import labels as L
+from lumbar_tf.core.config import PreprocessConfig, config_to_dict
+from lumbar_tf.core.errors import DatasetError
+from lumbar_tf.core.ids import check_study_id, study_sort_key
+from lumbar_tf.core.io import write_csv_atomic, write_json_atomic
+from lumbar_tf.dicom.reader import DicomError, read_series_descriptions, read_study
+from lumbar_tf.preprocess import build_views, source_px_to_view_norm
+
+
+@dataclass
+class StudyLabels:
+    """Everything the CSVs say about one study."""
+
+    study_id: str
+    grades: np.ndarray  # [5 conditions, 5 levels] grade codes
+    fine_grades: bool  # grades came from train_grades.csv (0-3), not only RSNA strings
+    coordinates: list[dict] = field(default_factory=list)  # rows of train_label_coordinates.csv
+
+
+@dataclass
+class DatasetIndex:
+    """The label files of one RSNA-layout folder, read and checked."""
+
+    root: Path
+    images_dir: Path
+    studies: dict[str, StudyLabels]
+    descriptions: dict[str, dict[str, str]]
+    problems: dict[str, str]  # study_id -> why its labels are unusable
+
+    @property
+    def study_ids(self) -> list[str]:
+        return sorted(self.studies, key=int)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not a valid CSV ({exc})") from None
+
+
+def _grades_from_row(row: dict, parse, path: Path) -> np.ndarray:
+    grades = np.full((L.N_CONDITIONS, L.N_LEVELS), L.UNKNOWN, dtype=np.int64)
+    for ci, condition in enumerate(L.CONDITIONS):
+        for li, level in enumerate(L.LEVELS):
+            column = L.column_name(condition, level)
+            try:
+                grades[ci, li] = parse(row.get(column))
+            except L.LabelError as exc:
+                raise DatasetError(f"{path.name}: column {column}: {exc}") from None
+    return grades
+
+
+def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
+    """Read `{split}.csv`, `{split}_grades.csv`, coordinates and series descriptions.
+
+    A study whose rows hold an unknown severity, condition or level, or whose study_id is not a
+    plain integer, is recorded in ``problems`` (and skipped later) instead of failing the dataset.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data folder not found")
+    images_dir = root / f"{split}_images"
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: images folder not found")
+    descriptions_path = root / f"{split}_series_descriptions.csv"
+    descriptions = read_series_descriptions(descriptions_path) if descriptions_path.exists() else {}
+
+    studies: dict[str, StudyLabels] = {}
+    problems: dict[str, str] = {}
+
+    def add_problem(study_id: str, reason: str) -> None:
+        problems.setdefault(study_id, reason)
+
+    label_path = root / f"{split}.csv"
+    grades_path = root / f"{split}_grades.csv"
+    coords_path = root / f"{split}_label_coordinates.csv"
+    if label_path.exists():
+        for row in _read_csv(label_path):
+            raw_id = str(row.get("study_id", ""))
+            try:
+                sid = check_study_id(raw_id, label_path.name)
+                studies[sid] = StudyLabels(
+                    sid, _grades_from_row(row, L.parse_rsna_severity, label_path), False
+                )
+            except DatasetError as exc:
+                add_problem(raw_id, str(exc))
+    if grades_path.exists():
+        for row in _read_csv(grades_path):
+            raw_id = str(row.get("study_id", ""))
+            try:
+                sid = check_study_id(raw_id, grades_path.name)
+                fine = _grades_from_row(row, L.parse_grade, grades_path)
+            except DatasetError as exc:
+                add_problem(raw_id, str(exc))
+                continue
+            # The seed's fine grades win over the RSNA strings where the study has them.
+            studies[sid] = StudyLabels(sid, fine, True)
+    if coords_path.exists():
+        for row in _read_csv(coords_path):
+            raw_id = str(row.get("study_id", ""))
+            try:
+                sid = check_study_id(raw_id, coords_path.name)
+                entry = {
+                    "series_id": str(row["series_id"]).strip(),
+                    "instance_number": int(float(row["instance_number"])),
+                    "condition": L.parse_condition_title(row["condition"]),
+                    "level": L.parse_level_title(row["level"]),
+                    "x": float(row["x"]),
+                    "y": float(row["y"]),
+                }
+            except (KeyError, TypeError, ValueError) as exc:
+                reason = exc.args[0] if isinstance(exc, DatasetError | L.LabelError) else f"bad value ({exc})"
+                add_problem(raw_id, f"{coords_path.name}: {reason}")
+                continue
+            if sid in studies:
+                studies[sid].coordinates.append(entry)
+    for sid in list(studies):
+        if sid in problems:
+            del studies[sid]
+    return DatasetIndex(root, images_dir, studies, descriptions, problems)
+
+
+# === Preparing one study ===
+
+
+def _level_points(study, grid, labels: StudyLabels) -> tuple[np.ndarray, np.ndarray]:
+    """Level centres in normalised view space from the coordinates file.
+
+    The spinal canal point is the level centre; where it is absent, the mean of the other
+    conditions' points projected onto the sagittal plane stands in for it.
+    """
+    by_series = {s.series_id: s for s in study.series.values()}
+    canal: dict[int, np.ndarray] = {}
+    other: dict[int, list[np.ndarray]] = {}
+    for row in labels.coordinates:
+        series = by_series.get(row["series_id"])
+        if series is None:
+            continue
+        index = next(
+            (i for i, s in enumerate(series.slices) if s.instance_number == row["instance_number"]), None
+        )
+        if index is None:
+            continue
+        xy = np.asarray(source_px_to_view_norm(series, index, (row["x"], row["y"]), grid), dtype=np.float32)
+        level = L.LEVELS.index(row["level"])
+        if row["condition"] == "spinal_canal_stenosis":
+            canal[level] = xy
+        else:
+            other.setdefault(level, []).append(xy)
+    level_xy = np.zeros((L.N_LEVELS, 2), np.float32)
+    present = np.zeros((L.N_LEVELS,), np.float32)
+    for level in range(L.N_LEVELS):
+        if level in canal:
+            level_xy[level], present[level] = canal[level], 1.0
+        elif level in other:
+            level_xy[level], present[level] = np.mean(other[level], axis=0), 1.0
+    return level_xy, present
+
+
+def prepare_study(
+    images_dir: Path,
+    labels: StudyLabels | None,
+    study_id: str,
+    descriptions: dict,
+    cfg: PreprocessConfig,
+    require_all_views: bool = True,
+) -> dict:
+    """Decode one study into model-ready views plus its targets (raises DicomError/DatasetError)."""
+    study_dir = images_dir / check_study_id(study_id, str(images_dir))
+    wanted = {spec.series_description for spec in cfg.views}
+    study = read_study(study_dir, descriptions.get(study_id), only=wanted)
+    if require_all_views:
+        # Training data must be complete: a zeroed view would teach the grader that anatomy is absent.
+        for spec in cfg.views:
+            if study.series_by_description(spec.series_description) is None:
+                raise DatasetError(f"{study_dir}: missing series {spec.series_description!r}")
+    views, grid, _, warnings = build_views(study, cfg)
+    if labels is not None:
+        level_xy, present = _level_points(study, grid, labels)
+        grades, fine = labels.grades, labels.fine_grades
+    else:
+        level_xy = np.zeros((L.N_LEVELS, 2), np.float32)
+        present = np.zeros((L.N_LEVELS,), np.float32)
+        grades, fine = np.full((L.N_CONDITIONS, L.N_LEVELS), L.UNKNOWN), False
+    return {
+        "study_id": study_id,
+        "views": views,
+        "level_xy": level_xy,
+        "level_present": present,
+        "grades": np.asarray(grades, np.int64),
+        "fine_grades": fine,
+        "warnings": warnings,
+    }
+
+
+# === TFRecord cache ===
+
+MANIFEST = "manifest.json"
+SKIPPED = "skipped_studies.csv"
+
+
+def _serialize(record: dict, view_names: Iterable[str]) -> bytes:
+    import tensorflow as tf
+
+    def _bytes(value: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    features = {
+        "study_id": _bytes(record["study_id"].encode()),
+        "level_xy": tf.train.Feature(float_list=tf.train.FloatList(value=record["level_xy"].ravel())),
+        "level_present": tf.train.Feature(float_list=tf.train.FloatList(value=record["level_present"])),
+        "grades": tf.train.Feature(int64_list=tf.train.Int64List(value=record["grades"].ravel())),
+        "fine_grades": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record["fine_grades"])])),
+    }
+    for name in view_names:
+        features[f"view/{name}"] = _bytes(np.ascontiguousarray(record["views"][name], np.uint8).tobytes())
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _prepare_task(task: tuple):
+    """One study (in a worker process) -> (study_id, record or None, error or None).
+
+    With a hand-over folder the views go through a file there and the record carries its path:
+    the result pipe would cost the parent about 1 ms of CPU a study for ~0.2 MB of views, which on
+    a 2-core machine comes out of the workers' share (page-cache file I/O costs a tenth of that).
+    """
+    images_dir, labels, study_id, descriptions, cfg, handover = task
+    try:
+        record = prepare_study(images_dir, labels, study_id, {study_id: descriptions}, cfg)
+    except (DicomError, DatasetError, L.LabelError) as exc:
+        return study_id, None, str(exc)
+    if handover is not None:
+        path = handover / f"{study_id}.views"
+        with open(path, "wb") as handle:
+            for name in cfg.view_names:
+                handle.write(np.ascontiguousarray(record["views"][name], np.uint8).data)
+        record["views"] = path
+    return study_id, record, None
+
+
+def _take_views(path: Path, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """The views a worker handed over in ``path`` (which is then removed)."""
+    data = np.fromfile(path, np.uint8)
+    path.unlink()
+    views = data.reshape(len(cfg.view_names), cfg.view_size, cfg.view_size, 3)
+    return dict(zip(cfg.view_names, views))
+
+
+def _start_pool(workers: int):
+    """A process pool for decoding, started before anything heavy is imported or read.
+
+    forkserver, preloaded with this module: the server starts once per process (in the
+    background while the caller imports TensorFlow and reads the CSVs) and forks each worker
+    from an interpreter that never imported TensorFlow. Plain fork would be faster still but can
+    deadlock once TensorFlow's thread pools exist (evaluate and export run prepare after
+    training); spawn pays ~0.3 s of imports per worker on every run. Threads would not help:
+    header parsing holds the GIL.
+    """
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])
+    return ctx.Pool(workers, initializer=_init_worker)
+
+
+def _init_worker() -> None:
+    # One OpenCV thread per worker: the pool already uses every core.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def prepare_cache(
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    cfg: PreprocessConfig,
+    *,
+    split: str = "train",
+    workers: int | None = None,
+    shards: int = 8,
+    progress: bool = True,
+    study_ids: list[str] | None = None,
+) -> dict:
+    """Decode every study once and write sharded TFRecords; returns the manifest.
+
+    Decoding runs in a process pool (``workers`` processes, default one per available core;
+    1 = in this process): pydicom, header parsing and the pylibjpeg plugins hold the GIL, so
+    threads (or tf.data's parallel map over py_function) would not use the second core.
+    """
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pool = _start_pool(workers) if workers > 1 else None
+    try:
+        return _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, study_ids)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, study_ids) -> dict:
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    index = read_index(data_dir, split)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = (
+        study_ids
+        if study_ids is not None
+        else sorted(
+            {p.name for p in index.images_dir.iterdir() if p.is_dir()} | set(index.studies),
+            key=study_sort_key,
+        )
+    )
+    skipped: dict[str, str] = {}
+    todo = []
+    for sid in wanted:
+        if sid in index.problems:
+            skipped[sid] = index.problems[sid]
+        elif split == "train" and sid not in index.studies:
+            skipped[sid] = f"{sid}: no row in {split}.csv"
+        else:
+            todo.append(sid)
+    for sid, reason in index.problems.items():
+        skipped.setdefault(sid, reason)
+    if not todo:
+        raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped)")
+
+    view_names = cfg.view_names
+    n_shards = max(1, min(shards, len(todo)))
+    for stale in cache.glob("shard-*.tfrecord"):  # a re-prepared cache must not mix in old shards
+        stale.unlink()
+    writers = [tf.io.TFRecordWriter(str(cache / f"shard-{i:03d}.tfrecord")) for i in range(n_shards)]
+    kept: list[str] = []
+    warnings: dict[str, list[str]] = {}
+    handover = None
+    if pool is not None:
+        handover = cache / ".handover"
+        shutil.rmtree(handover, ignore_errors=True)
+        handover.mkdir()
+    # Each task carries only its own study's labels and series descriptions.
+    tasks = [
+        (index.images_dir, index.studies.get(sid), sid, index.descriptions.get(sid, {}), cfg, handover)
+        for sid in todo
+    ]
+    results = pool.imap(_prepare_task, tasks, chunksize=2) if pool is not None else map(_prepare_task, tasks)
+    bar = tqdm(total=len(todo), desc="prepare", unit="study", disable=not progress)
+    try:
+        for sid, record, error in results:
+            bar.update(1)
+            if error is not None:
+                skipped[sid] = error
+                continue
+            if handover is not None:
+                record["views"] = _take_views(record["views"], cfg)
+            writers[len(kept) % n_shards].write(_serialize(record, view_names))
+            kept.append(sid)
+            if record["warnings"]:
+                warnings[sid] = record["warnings"]
+    finally:
+        bar.close()
+        for writer in writers:
+            writer.close()
+        if handover is not None:
+            shutil.rmtree(handover, ignore_errors=True)
+    if not kept:
+        raise DatasetError(
+            f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / SKIPPED})"
+        )
+
+    _write_skipped(cache / SKIPPED, skipped)
+    manifest = {
+        "split": split,
+        "study_ids": kept,
+        "n_shards": n_shards,
+        "view_names": list(view_names),
+        "preprocess": config_to_dict(cfg),
+        "skipped": skipped,
+        "warnings": warnings,
+    }
+    write_json_atomic(cache / MANIFEST, manifest)
+    return manifest
+
+
+def _write_skipped(path: Path, skipped: dict[str, str]) -> None:
+    rows = sorted(skipped.items(), key=lambda kv: study_sort_key(kv[0]))
+    write_csv_atomic(path, ["study_id", "reason"], rows)
+
+
+def load_manifest(cache_dir: str | Path, cfg: PreprocessConfig | None = None) -> dict:
+    """Read a cache's manifest; refuse a cache built with other preprocessing."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        raise DatasetError(f"{cache_dir}: not a prepared cache (no {MANIFEST})")
+    manifest = json.loads(path.read_text())
+    if cfg is not None and manifest["preprocess"] != config_to_dict(cfg):
+        raise DatasetError(f"{cache_dir}: cache was prepared with other preprocessing settings")
+    return manifest
+
+
+# === tf.data ===
+
+
+def _parse_fn(view_names, view_size):
+    import tensorflow as tf
+
+    spec = {
+        "study_id": tf.io.FixedLenFeature([], tf.string),
+        "level_xy": tf.io.FixedLenFeature([L.N_LEVELS * 2], tf.float32),
+        "level_present": tf.io.FixedLenFeature([L.N_LEVELS], tf.float32),
+        "grades": tf.io.FixedLenFeature([L.N_CONDITIONS * L.N_LEVELS], tf.int64),
+        "fine_grades": tf.io.FixedLenFeature([], tf.int64),
+    }
+    for name in view_names:
+        spec[f"view/{name}"] = tf.io.FixedLenFeature([], tf.string)
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        views = {
+            name: tf.reshape(tf.io.decode_raw(ex[f"view/{name}"], tf.uint8), [view_size, view_size, 3])
+            for name in view_names
+        }
+        return {
+            "study_id": ex["study_id"],
+            "views": views,
+            "level_xy": tf.reshape(ex["level_xy"], [L.N_LEVELS, 2]),
+            "level_present": ex["level_present"],
+            "grades": tf.reshape(ex["grades"], [L.N_CONDITIONS, L.N_LEVELS]),
+        }
+
+    return parse
+
+
+def study_dataset(cache_dir: str | Path, cfg: PreprocessConfig, study_ids: Iterable[str] | None = None):
+    """Parsed studies from the cache (optionally only some study ids), cached in memory."""
+    import tensorflow as tf
+
+    manifest = load_manifest(cache_dir, cfg)
+    files = sorted(str(p) for p in Path(cache_dir).glob("shard-*.tfrecord"))
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+    ds = ds.map(_parse_fn(manifest["view_names"], cfg.view_size), num_parallel_calls=tf.data.AUTOTUNE)
+    if study_ids is not None:
+        keep = tf.constant(sorted(str(s) for s in study_ids))
+        ds = ds.filter(lambda r: tf.reduce_any(tf.equal(keep, r["study_id"])))
+    return ds.cache()
+
+
+def load_studies(cache_dir, cfg: PreprocessConfig, study_ids=None) -> dict[str, np.ndarray]:
+    """All (selected) studies of a cache as numpy arrays, sorted by study id (for evaluation)."""
+    items = list(study_dataset(cache_dir, cfg, study_ids).as_numpy_iterator())
+    items.sort(key=lambda r: study_sort_key(r["study_id"].decode()))
+    return {
+        "study_id": [r["study_id"].decode() for r in items],
+        "views": {n: np.stack([r["views"][n] for r in items]) for n in cfg.view_names},
+        "level_xy": np.stack([r["level_xy"] for r in items]),
+        "level_present": np.stack([r["level_present"] for r in items]),
+        "grades": np.stack([r["grades"] for r in items]),
+    }
+
+
+def _photometric_augmenter(seed: int):
+    """Keras 3 core augmentation layers, run inside tf.data (not inside the model)."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.layers.RandomContrast(0.25, seed=seed),
+            keras.layers.RandomBrightness(0.15, value_range=(0.0, 255.0), seed=seed + 1),
+        ],
+        name="photometric_augmentation",
+    )
+
+
+def localizer_dataset(
+    cache_dir, cfg: PreprocessConfig, study_ids, *, batch_size: int, training: bool, seed: int = 0
+):
+    """(view, y_true) batches for the localiser; y_true [5, 3] = (x, y, present).
+
+    Training adds a random zoom/shift of the whole view (coordinates moved with it) and
+    photometric augmentation.
+    """
+    import tensorflow as tf
+
+    view = cfg.localizer_view
+    size = cfg.view_size
+    ds = study_dataset(cache_dir, cfg, study_ids)
+    if training:
+        ds = ds.shuffle(512, seed=seed, reshuffle_each_iteration=True).repeat()
+
+    def to_example(r):
+        image = tf.cast(r["views"][view], tf.float32)
+        xy = r["level_xy"]
+        if training:
+            scale = tf.random.uniform([], 0.85, 1.15)
+            shift = tf.random.uniform([2], -0.08, 0.08)
+            x0 = 0.5 - scale / 2 + shift[0]
+            y0 = 0.5 - scale / 2 + shift[1]
+            box = tf.stack([y0, x0, y0 + scale, x0 + scale])[None]
+            # crop_and_resize maps box corners onto pixel centres 0 and H-1.
+            image = tf.image.crop_and_resize(image[None], box, [0], [size, size])[0]
+            px = (xy * size - 0.5) / (size - 1)  # pixel-centre coordinates in [0, 1]
+            px = (px - tf.stack([x0, y0])) / scale
+            xy = (px * (size - 1) + 0.5) / size
+        present = r["level_present"] * tf.cast(tf.reduce_all((xy > 0.0) & (xy < 1.0), axis=-1), tf.float32)
+        return image, tf.concat([xy, present[:, None]], axis=-1)
+
+    ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=training)
+    if training:
+        augment = _photometric_augmenter(seed)
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def level_boxes_tf(level_xy, cfg: PreprocessConfig):
+    """Crop boxes [..., 4] (y1, x1, y2, x2) around normalised level centres (docs/architecture.md)."""
+    import tensorflow as tf
+
+    half = cfg.crop_mm / cfg.spine_crop_mm / 2.0
+    x, y = level_xy[..., 0], level_xy[..., 1]
+    return tf.stack([y - half, x - half, y + half, x + half], axis=-1)
+
+
+def grader_dataset(
+    cache_dir,
+    cfg: PreprocessConfig,
+    study_ids,
+    *,
+    batch_size: int,
+    training: bool,
+    jitter_mm: float = 0.0,
+    seed: int = 0,
+):
+    """Per-level (crops, y_true) batches for the grader, cropped around the labelled level points.
+
+    Inputs: one crop per view plus ``level_index``; y_true [5 conditions, 3 thresholds, 2] =
+    (targets, mask). Training jitters each crop centre by up to ``jitter_mm`` (the localiser's
+    typical error), so the grader learns to read a level that is not perfectly centred.
+    """
+    import tensorflow as tf
+
+    names = cfg.view_names
+    ds = study_dataset(cache_dir, cfg, study_ids)
+    if training:
+        ds = ds.shuffle(512, seed=seed, reshuffle_each_iteration=True).repeat()
+    jitter = jitter_mm / cfg.spine_crop_mm
+
+    def encode(grades):
+        g = tf.cast(grades, tf.int32)
+        known_fine = tf.cast(g >= 0, tf.float32)
+        known = tf.cast(g != L.UNKNOWN, tf.float32)
+        targets = tf.stack(
+            [
+                tf.cast(g >= 1, tf.float32) * known_fine,
+                tf.cast(g >= 2, tf.float32),
+                tf.cast(g >= 3, tf.float32),
+            ],
+            axis=-1,
+        )
+        mask = tf.stack([known_fine, known, known], axis=-1)
+        return tf.stack([targets * mask, mask], axis=-1)  # [5 cond, 5 level, 3, 2]
+
+    def to_levels(r):
+        xy = r["level_xy"]
+        if training and jitter > 0:
+            xy = xy + tf.random.uniform(tf.shape(xy), -jitter, jitter)
+        boxes = level_boxes_tf(xy, cfg)
+        crops = {
+            n: tf.image.crop_and_resize(
+                tf.cast(r["views"][n], tf.float32)[None],
+                boxes,
+                tf.zeros([L.N_LEVELS], tf.int32),
+                [cfg.crop_size, cfg.crop_size],
+            )
+            for n in names
+        }
+        y = tf.transpose(encode(r["grades"]), [1, 0, 2, 3])  # [level, cond, 3, 2]
+        inputs = dict(crops)
+        inputs["level_index"] = tf.range(L.N_LEVELS, dtype=tf.int32)
+        keep = r["level_present"] > 0.5
+        inputs = {k: tf.boolean_mask(v, keep) for k, v in inputs.items()}
+        return tf.data.Dataset.from_tensor_slices((inputs, tf.boolean_mask(y, keep)))
+
+    ds = ds.flat_map(to_levels)
+    if training:
+        ds = ds.shuffle(1024, seed=seed + 7)
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
+    if training:
+        augment = _photometric_augmenter(seed + 11)
+
+        def aug(inputs, y):
+            out = {n: augment(inputs[n], training=True) for n in names}
+            out["level_index"] = inputs["level_index"]
+            return out, y
+
+        ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def split_folds(study_ids: Iterable[str], folds: int, seed: int) -> dict[str, int]:
+    """Seeded k-fold assignment by study (a study's levels never straddle train and validation)."""
+    ids = sorted((str(s) for s in study_ids), key=study_sort_key)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return {ids[i]: int(rank % folds) for rank, i in enumerate(order)}
+
+
+def label_summary(grades: np.ndarray) -> dict:
+    """Counts of each grade code per condition (for metadata and the README)."""
+    out = {}
+    for ci, condition in enumerate(L.CONDITIONS):
+        values, counts = np.unique(np.asarray(grades)[:, ci], return_counts=True)
+        out[condition] = {str(int(v)): int(c) for v, c in zip(values, counts)}
+    return out

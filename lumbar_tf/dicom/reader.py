@@ -1,0 +1,812 @@
+"""Reading lumbar MRI studies from DICOM (pydicom; never TensorFlow).
+
+A study folder holds one sub-folder per series (the RSNA layout
+``{study_id}/{series_id}/{instance_number}.dcm``). `read_study` reads only the headers of every
+instance to learn the geometry; `Series.load_pixels` decodes just the slices a caller asks for.
+Headers go through `lumbar_tf.dicom.header_scan` (a fast walk over the first kilobytes, enough for the
+common uncompressed file, whose pixels are then read straight from their offset) and otherwise
+through pydicom (``stop_before_pixels``), which also checks and words every bad-file error.
+
+Geometry is DICOM patient coordinates, LPS (+x patient left, +y posterior, +z head). For slice
+``k`` with ImagePositionPatient ``P`` (centre of the first pixel), ImageOrientationPatient
+``(row_dir, col_dir)`` and PixelSpacing ``(row_mm, col_mm)``, pixel ``(x, y) = (column, row)``
+(pixel centres at integers) lies at ``P + x * col_mm * row_dir + y * row_mm * col_dir``.
+(DICOM naming: ``row_dir`` is the direction along a row, i.e. of increasing column index;
+``PixelSpacing[0]`` is the spacing between rows.)
+
+Series types: the RSNA descriptions CSV wins; where a series is not in it, the type comes from the
+slice orientation (sagittal / axial from the slice normal) and the SeriesDescription text ("T1",
+"T2", "STIR"/"TIRM"), falling back on echo/inversion times. It maps onto the canonical names
+`SAGITTAL_T1`, `SAGITTAL_T2`, `AXIAL_T2`. Where two series claim one name, the one with more slices
+is kept (ties: the first in series-id order) and the other goes to `Study.extra` with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from lumbar_tf.core.errors import DicomError
+from lumbar_tf.dicom.header_scan import WANTED_KEYWORDS, ScannedHeader, scan_header
+
+SAGITTAL_T1 = "Sagittal T1"
+SAGITTAL_T2 = "Sagittal T2/STIR"
+AXIAL_T2 = "Axial T2"
+CANONICAL_DESCRIPTIONS = (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2)
+
+PLANES = ("sagittal", "coronal", "axial")  # by the dominant axis of the slice normal (x, y, z)
+
+# Files in a study that are considered DICOM instances (others, hidden files and DICOMDIR are
+# ignored): RSNA uses .dcm; many exports have no suffix.
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
+
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float / Double Float Pixel Data
+_ITEM, _SEQ_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+
+# === Headers ===
+
+
+@dataclass(frozen=True)
+class ModalityMap:
+    """Stored pixel value -> displayed modality value: Rescale Slope/Intercept (as pydicom's
+    ``apply_modality_lut``), then for MONOCHROME1 an inversion over the stored range, so that
+    higher values are always brighter."""
+
+    slope: float | None  # None: no rescale tags, values stay as stored
+    intercept: float = 0.0
+    invert_sum: float | None = None  # MONOCHROME1: value = invert_sum - rescaled
+
+    def apply(self, stored) -> np.ndarray:
+        """Stored values (any shape) -> float32 modality values."""
+        stored = np.asarray(stored)
+        if self.slope is None:
+            out = stored.astype(np.float32)
+        else:
+            out = (stored.astype(np.float64) * self.slope + self.intercept).astype(np.float32)
+        if self.invert_sum is not None:
+            out = np.float32(self.invert_sum) - out
+        return out
+
+
+@dataclass(frozen=True)
+class NativePixels:
+    """Where an uncompressed little-endian slice keeps its pixels, to read them without pydicom."""
+
+    offset: int  # byte offset of the Pixel Data value
+    dtype: str  # numpy dtype of the stored words ("<u2", "<i2", "u1", "i1")
+    bits_stored: int
+    modality: ModalityMap
+
+
+@dataclass
+class SliceHeader:
+    """Geometry of one instance, read without its pixels."""
+
+    path: Path
+    instance_number: int
+    position: np.ndarray  # (3,) ImagePositionPatient, LPS mm, centre of pixel (0, 0)
+    row_dir: np.ndarray  # (3,) unit, direction of increasing column index
+    col_dir: np.ndarray  # (3,) unit, direction of increasing row index
+    pixel_spacing: tuple[float, float]  # (row_mm, col_mm) = PixelSpacing (between rows, columns)
+    rows: int
+    cols: int
+    native: NativePixels | None = None  # set where the fast header scan located native pixels
+
+    @functools.cached_property
+    def normal(self) -> np.ndarray:
+        (a1, a2, a3), (b1, b2, b3) = self.row_dir, self.col_dir  # cross product (np.cross is slow here)
+        return np.array([a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1])
+
+    @property
+    def center(self) -> np.ndarray:
+        """Patient position of the centre of the field of view."""
+        return self.pixel_to_patient(((self.cols - 1) / 2, (self.rows - 1) / 2))
+
+    def pixel_to_patient(self, xy) -> np.ndarray:
+        """(column, row) pixel coordinates ``[..., 2]`` -> LPS mm ``[..., 3]``."""
+        xy = np.asarray(xy, dtype=np.float64)
+        row_mm, col_mm = self.pixel_spacing
+        return self.position + xy[..., :1] * (col_mm * self.row_dir) + xy[..., 1:2] * (row_mm * self.col_dir)
+
+    def patient_to_pixel(self, xyz) -> np.ndarray:
+        """LPS mm ``[..., 3]`` -> (column, row) ``[..., 2]`` of its projection onto the slice."""
+        d = np.asarray(xyz, dtype=np.float64) - self.position
+        row_mm, col_mm = self.pixel_spacing
+        return np.stack([d @ self.row_dir / col_mm, d @ self.col_dir / row_mm], axis=-1)
+
+
+@dataclass
+class Series:
+    """One series: slices ordered by position along `normal` (ascending).
+
+    ``normal`` is the unit slice normal, signed so that its dominant component is positive: for a
+    sagittal series it points to patient left (+x), for an axial one to the head (+z).
+    """
+
+    series_id: str
+    description: str
+    slices: list[SliceHeader]
+    normal: np.ndarray
+    dicom_description: str = ""  # SeriesDescription as written in the files
+
+    @property
+    def plane(self) -> str:
+        return plane_of_normal(self.normal)
+
+    @property
+    def path(self) -> Path:
+        return self.slices[0].path.parent
+
+    @property
+    def instance_numbers(self) -> list[int]:
+        return [s.instance_number for s in self.slices]
+
+    def positions_mm(self) -> np.ndarray:
+        """Each slice's position along `normal` (absolute, mm)."""
+        return np.array([s.position @ self.normal for s in self.slices], dtype=np.float64)
+
+    def lateral_positions_mm(self) -> np.ndarray:
+        """Each slice's position along the normal relative to the stack centre (mean), in mm.
+
+        Sagittal: + = patient left; axial: + = head (the sign of `normal`).
+        """
+        pos = self.positions_mm()
+        return pos - pos.mean()
+
+    def index_of_instance(self, instance_number: int) -> int:
+        for i, s in enumerate(self.slices):
+            if s.instance_number == int(instance_number):
+                return i
+        raise KeyError(f"series {self.series_id} has no instance {instance_number}")
+
+    def pixel_to_patient(self, index: int, xy) -> np.ndarray:
+        """(column, row) pixel coordinates of slice ``index`` ``[..., 2]`` -> LPS mm ``[..., 3]``."""
+        return self.slices[index].pixel_to_patient(xy)
+
+    def patient_to_pixel(self, index: int, xyz) -> np.ndarray:
+        """LPS mm ``[..., 3]`` -> (column, row) ``[..., 2]`` in slice ``index`` (projected)."""
+        return self.slices[index].patient_to_pixel(xyz)
+
+    def load_pixels(self, indices) -> np.ndarray:
+        """Decode only slices ``indices`` -> float32 ``[k, rows, cols]``.
+
+        Modality LUT applied (Rescale Slope/Intercept); MONOCHROME1 inverted so that higher
+        values are brighter.
+        """
+        decoded = self.load_stored(indices)
+        out = np.empty((len(decoded), self.slices[0].rows, self.slices[0].cols), np.float32)
+        for k, (values, modality) in enumerate(decoded):
+            out[k] = values if modality is None else modality.apply(values)
+        return out
+
+    def load_stored(self, indices) -> list[tuple[np.ndarray, ModalityMap | None]]:
+        """Decode only slices ``indices`` -> per slice (values ``[rows, cols]``, modality map).
+
+        The values are the stored integers and the map turns them into what `load_pixels`
+        returns; where that is no affine map (a Modality LUT Sequence) the values are already
+        float32 modality values and the map is None. Lets preprocessing work on the integers.
+        """
+        indices = [int(indices)] if np.isscalar(indices) else [int(i) for i in indices]
+        return [decode_stored(self.slices[i]) for i in indices]
+
+
+@dataclass
+class Study:
+    """A study folder: canonical series keyed by description, plus what was set aside."""
+
+    study_id: str
+    path: Path
+    series: dict[str, Series]
+    extra: list[Series] = field(default_factory=list)  # unassigned or duplicate series
+    warnings: list[str] = field(default_factory=list)
+
+    def series_by_description(self, desc: str) -> Series | None:
+        if desc in self.series:
+            return self.series[desc]
+        key = _norm_text(desc)
+        for name, series in self.series.items():
+            if _norm_text(name) == key:
+                return series
+        return None
+
+    def sagittal_series(self) -> list[Series]:
+        """Sagittal series, Sagittal T2/STIR first, then Sagittal T1, then the others."""
+        order = {SAGITTAL_T2: 0, SAGITTAL_T1: 1}
+        found = [s for s in self.series.values() if s.plane == "sagittal"]
+        found.sort(key=lambda s: order.get(s.description, 2))
+        return found + [s for s in self.extra if s.plane == "sagittal"]
+
+
+def _norm_text(text: str) -> str:
+    return " ".join(str(text).casefold().split())
+
+
+def plane_of_normal(normal) -> str:
+    return PLANES[int(np.argmax(np.abs(np.asarray(normal))))]
+
+
+def _float_list(ds, keyword: str, n: int, path) -> list[float]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise DicomError(path, f"missing required tag {keyword}")
+    values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise DicomError(path, f"bad {keyword} value {value!r}") from None
+    if len(floats) != n or not all(map(math.isfinite, floats)):
+        raise DicomError(path, f"bad {keyword} value {value!r} (expected {n} numbers)")
+    return floats
+
+
+def _int_tag(ds, keyword: str, path) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise DicomError(path, f"missing required tag {keyword}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DicomError(path, f"bad {keyword} value {value!r}") from None
+
+
+def _read_dataset_header(path: Path):
+    """dcmread without pixel data; checks that pixel data exists and is complete."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DicomError(path, f"cannot read file ({exc.strerror})") from None
+    if size == 0:
+        raise DicomError(path, "empty file (truncated DICOM)")
+    try:
+        with open(path, "rb") as fp, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            tell = fp.tell()
+            deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            if deflated:
+                _check_deflate_stream(fp, ds, path)
+                ds = pydicom.dcmread(fp.name)  # inflated in memory; pixels not decoded
+            elif tell < size:
+                _check_pixel_element(fp, ds, tell, size, path)
+    except DicomError:
+        raise
+    except InvalidDicomError:
+        raise DicomError(path, "not a DICOM file (no DICM preamble)") from None
+    except OSError as exc:
+        raise DicomError(path, f"cannot read file ({exc.strerror or exc})") from None
+    except Exception as exc:  # pydicom raises many kinds on corrupt input
+        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+    for w in caught:
+        if "end of file" in str(w.message).lower():
+            raise DicomError(path, f"truncated DICOM ({w.message})")
+    try:
+        if deflated:
+            if "PixelData" not in ds:
+                raise DicomError(path, "no pixel data")
+            expected = _expected_native_bytes(ds)
+            if expected is not None and len(ds.PixelData) < expected:
+                raise DicomError(path, f"truncated pixel data ({len(ds.PixelData)} of {expected} bytes)")
+        elif tell >= size:
+            _check_complete_without_pixels(ds, size, path)
+            raise DicomError(path, "no pixel data")
+    except DicomError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily: a corrupt one fails here
+        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+    return ds
+
+
+def _tags_by_pydicom(path: Path) -> dict:
+    """The tags `read_instance_header` and `read_series` use, converted now: pydicom converts a
+    value when it is first read, and a corrupt one (an unknown VR, say) must fail here, as a
+    DicomError, not later in the caller."""
+    ds = _read_dataset_header(path)
+    try:
+        return {keyword: ds.get(keyword) for keyword in WANTED_KEYWORDS}
+    except Exception as exc:  # pydicom raises many kinds on corrupt values
+        raise DicomError(path, f"corrupt DICOM ({type(exc).__name__}: {exc})") from None
+
+
+def _check_deflate_stream(fp, ds, path: Path) -> None:
+    """A deflated data set must end with the end of its zlib stream (else: truncated)."""
+    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        return
+    fp.seek(128 + 4 + 12 + int(group_length))  # preamble, "DICM", group length element
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        while chunk := fp.read(1 << 20):
+            inflater.decompress(chunk)
+    except zlib.error as exc:
+        raise DicomError(path, f"corrupt deflated data set ({exc})") from None
+    if not inflater.eof:
+        raise DicomError(path, "truncated DICOM (deflated data set cut short)")
+
+
+def _expected_native_bytes(ds) -> int | None:
+    try:
+        bits = int(ds.BitsAllocated)
+        n = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        n *= int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (n * bits + 7) // 8
+
+
+def _check_pixel_element(fp, ds, tell: int, size: int, path: Path) -> None:
+    """``fp`` is at the pixel data element that stop_before_pixels stopped at: is it complete?"""
+    implicit, little = ds.original_encoding
+    endian = "<" if little else ">"
+    fp.seek(tell)
+    head = fp.read(8)
+    if len(head) < 8:
+        raise DicomError(path, "truncated DICOM (inside the pixel data header)")
+    group, elem = struct.unpack(endian + "HH", head[:4])
+    tag = group << 16 | elem
+    if tag not in _PIXEL_TAGS:
+        raise DicomError(path, f"corrupt DICOM (unexpected tag ({group:04X},{elem:04X}))")
+    if implicit:
+        (length,) = struct.unpack(endian + "L", head[4:8])
+    else:
+        ext = fp.read(4)
+        if len(ext) < 4:
+            raise DicomError(path, "truncated DICOM (inside the pixel data header)")
+        (length,) = struct.unpack(endian + "L", ext)
+    start = fp.tell()
+    if length != 0xFFFFFFFF:  # native
+        if start + length > size:
+            raise DicomError(path, f"truncated pixel data ({size - start} of {length} bytes present)")
+        expected = _expected_native_bytes(ds)
+        if length == 0:
+            raise DicomError(path, "no pixel data (empty Pixel Data element)")
+        if expected is not None and length < expected:
+            raise DicomError(path, f"truncated pixel data ({length} of {expected} bytes)")
+        return
+    # Encapsulated: walk the items by their lengths (seeks only) to the sequence delimiter.
+    pos, items = start, 0
+    while True:
+        fp.seek(pos)
+        item = fp.read(8)
+        if len(item) < 8:
+            raise DicomError(path, "truncated pixel data (encapsulated, no sequence delimiter)")
+        group, elem, length = struct.unpack(endian + "HHL", item)
+        tag = group << 16 | elem
+        if tag == _SEQ_DELIMITER:
+            break
+        if tag != _ITEM or length == 0xFFFFFFFF:
+            raise DicomError(path, "corrupt encapsulated pixel data")
+        pos += 8 + length
+        if pos > size:
+            raise DicomError(path, "truncated pixel data (encapsulated fragment cut short)")
+        items += 1
+    if items < 2:  # the basic offset table item plus at least one fragment
+        raise DicomError(path, "no pixel data (no encapsulated fragments)")
+
+
+def _check_complete_without_pixels(ds, size: int, path: Path) -> None:
+    """No pixel data element was found: tell a truncated file from one without pixel data."""
+    last = None
+    for elem in ds.elements():  # raw (unconverted) elements in tag order
+        tell = getattr(elem, "value_tell", None)
+        if tell is None or (last is not None and tell < last.value_tell):
+            continue
+        last = elem
+    if last is None:
+        raise DicomError(path, "truncated DICOM (no data set after the file meta information)")
+    if last.length != 0xFFFFFFFF:
+        if last.value is not None and len(last.value) < last.length:
+            raise DicomError(path, f"truncated DICOM (inside element {last.tag})")
+        if last.value_tell + last.length < size:
+            raise DicomError(path, "truncated DICOM (inside an element header)")
+
+
+def read_instance_header(path: str | Path) -> tuple[SliceHeader, ScannedHeader | dict]:
+    """Header (no pixels) of one single-frame grayscale instance -> (SliceHeader, tags).
+
+    ``tags`` answers ``.get(keyword)`` for the series-level tags (SeriesInstanceUID,
+    SeriesNumber, SeriesDescription, echo/repetition/inversion times): a `ScannedHeader` from
+    the fast scan, else a dict of the same keywords read by pydicom.
+    """
+    path = Path(path)
+    scanned = scan_header(path)
+    tags = scanned if scanned is not None else _tags_by_pydicom(path)
+    frames = int(tags.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise DicomError(path, f"multi-frame instance ({frames} frames) not supported")
+    if int(tags.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DicomError(path, "not a grayscale image (SamplesPerPixel != 1)")
+    position = _float_list(tags, "ImagePositionPatient", 3, path)
+    iop = _float_list(tags, "ImageOrientationPatient", 6, path)
+    spacing = _float_list(tags, "PixelSpacing", 2, path)
+    rows, cols = _int_tag(tags, "Rows", path), _int_tag(tags, "Columns", path)
+    # Plain floats, not numpy, for these few numbers: this runs for every file of a study.
+    row_dir, col_dir = iop[:3], iop[3:]
+    norms = math.hypot(*row_dir), math.hypot(*col_dir)
+    if min(norms) < 1e-3 or abs(sum(a * b for a, b in zip(row_dir, col_dir))) / (norms[0] * norms[1]) > 1e-2:
+        raise DicomError(path, f"bad ImageOrientationPatient {iop}")
+    if min(spacing) <= 0 or rows < 1 or cols < 1:
+        raise DicomError(path, "bad PixelSpacing/Rows/Columns")
+    if tags.get("InstanceNumber") not in (None, ""):
+        instance = _int_tag(tags, "InstanceNumber", path)
+    elif path.stem.isdigit():
+        instance = int(path.stem)
+    else:
+        raise DicomError(path, "missing required tag InstanceNumber")
+    header = SliceHeader(
+        path=path,
+        instance_number=instance,
+        position=np.array(position),
+        row_dir=np.array(row_dir) / norms[0],
+        col_dir=np.array(col_dir) / norms[1],
+        pixel_spacing=(spacing[0], spacing[1]),
+        rows=rows,
+        cols=cols,
+        native=None if scanned is None else _native_pixels(scanned, path),
+    )
+    return header, tags
+
+
+# === Pixels ===
+
+
+def _modality_map(tags, path: Path) -> ModalityMap:
+    """The stored -> modality map of an instance without a Modality LUT Sequence."""
+    slope = intercept = None
+    if tags.get("RescaleSlope") is not None and tags.get("RescaleIntercept") is not None:
+        slope, intercept = (_float_list(tags, k, 1, path)[0] for k in ("RescaleSlope", "RescaleIntercept"))
+    if str(tags.get("PhotometricInterpretation", "")).strip() != "MONOCHROME1":
+        return ModalityMap(slope, intercept or 0.0)
+    mapped = _stored_range(tags).astype(np.float64)
+    if slope is not None:
+        mapped = mapped * slope + intercept
+    return ModalityMap(slope, intercept or 0.0, float(mapped.min()) + float(mapped.max()))
+
+
+def _stored_range(tags) -> np.ndarray:
+    """Smallest and largest value the stored bits can hold (the MONOCHROME1 inversion range)."""
+    bits = int(tags.get("BitsStored", tags.get("BitsAllocated", 16)))
+    if int(tags.get("PixelRepresentation", 0)) == 1:
+        return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
+    return np.array([0, 2**bits - 1])
+
+
+# Tags pydicom needs to decode native pixel data.
+_PIXEL_MODULE = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+)
+
+
+def _native_pixels(scanned, path: Path) -> NativePixels | None:
+    """Where to read the pixels straight from the file, or None to decode them with pydicom.
+
+    Only the layouts whose stored values are plain words: 8 or 16 bits allocated, stored bits
+    in the low bits (HighBit = BitsStored - 1), MONOCHROME1/2 and no Modality LUT Sequence.
+    """
+    if any(scanned.get(keyword) is None for keyword in _PIXEL_MODULE):
+        return None  # pydicom refuses to decode without them; let it say so
+    allocated, stored = scanned.get("BitsAllocated"), scanned.get("BitsStored")
+    representation = scanned.get("PixelRepresentation")
+    if (
+        allocated not in (8, 16)
+        or not 1 <= stored <= allocated
+        or scanned.get("HighBit", stored - 1) != stored - 1
+        or representation not in (0, 1)
+        or scanned.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2")
+        or scanned.get("ModalityLUTSequence")
+    ):
+        return None
+    try:
+        modality = _modality_map(scanned, path)
+    except DicomError:
+        return None  # a bad rescale value: decoding this slice will say so, as for any other file
+    dtype = ("i" if representation == 1 else "u") + str(allocated // 8)
+    return NativePixels(
+        offset=scanned.pixel_offset,
+        dtype="<" + dtype if allocated > 8 else dtype,
+        bits_stored=stored,
+        modality=modality,
+    )
+
+
+def _read_native(header: SliceHeader) -> np.ndarray:
+    """Stored values of an uncompressed slice, read from their offset (as pydicom decodes them:
+    bits above BitsStored dropped, signed values sign-extended)."""
+    native, path = header.native, header.path
+    count = header.rows * header.cols
+    try:
+        words = np.fromfile(path, dtype=native.dtype, count=count, offset=native.offset)
+    except OSError as exc:
+        raise DicomError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if words.size != count:
+        raise DicomError(path, f"truncated pixel data ({words.size} of {count} pixels)")
+    bits = words.dtype.itemsize * 8
+    if native.bits_stored < bits:
+        unsigned = words.view(words.dtype.str.replace("i", "u"))
+        low = unsigned & np.array((1 << native.bits_stored) - 1, unsigned.dtype)
+        if words.dtype.kind == "i":
+            sign = np.array(1 << (native.bits_stored - 1), unsigned.dtype)
+            words = ((low ^ sign).astype(np.int32) - int(sign)).astype(words.dtype)
+        else:
+            words = low
+    return words.reshape(header.rows, header.cols)
+
+
+def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
+    """Decode one instance -> (stored values ``[rows, cols]``, their modality map).
+
+    Where the instance has a Modality LUT Sequence the values are already float32 modality
+    values (MONOCHROME1 inverted) and the map is None.
+    """
+    if header.native is not None:
+        return _read_native(header), header.native.modality
+    path = header.path
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise DicomError(path, "not a DICOM file (no DICM preamble)") from None
+    except Exception as exc:
+        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DicomError(path, "no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        ts = ds.file_meta.get("TransferSyntaxUID", "?")
+        name = getattr(ts, "name", ts)
+        raise DicomError(path, f"cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None
+    if arr.shape != (header.rows, header.cols):
+        raise DicomError(path, f"decoded shape {arr.shape} != {(header.rows, header.cols)}")
+    try:
+        if "ModalityLUTSequence" not in ds:
+            return arr, _modality_map(ds, path)
+        out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+            mapped = apply_modality_lut(_stored_range(ds), ds)
+            out = np.float32(float(np.min(mapped)) + float(np.max(mapped))) - out
+        return out, None
+    except DicomError:
+        raise
+    except Exception as exc:  # a corrupt rescale or LUT value
+        raise DicomError(path, f"corrupt modality LUT ({type(exc).__name__}: {exc})") from None
+
+
+def decode_instance(header: SliceHeader) -> np.ndarray:
+    """Decode one instance -> float32 ``[rows, cols]`` (modality LUT, MONOCHROME1 inverted)."""
+    values, modality = decode_stored(header)
+    return values if modality is None else modality.apply(values)
+
+
+# === Series types ===
+
+
+def _has(pattern: str, text: str) -> bool:
+    return re.search(pattern, text) is not None
+
+
+def infer_description(dicom_description: str, plane: str, ds=None) -> str | None:
+    """Canonical series name from SeriesDescription text and orientation, or None.
+
+    T2 / STIR (also Siemens "TIRM") is checked before T1; without either word the echo,
+    repetition and inversion times decide where present (TI -> STIR; TE >= 60 ms -> T2;
+    TE < 30 ms and TR < 1000 ms -> T1).
+    """
+    text = str(dicom_description or "").upper()
+    weighting = None
+    if _has(r"STIR|TIRM", text) or _has(r"T2(?!\d)", text):
+        weighting = "T2"
+    elif _has(r"T1(?!\d)", text):
+        weighting = "T1"
+    elif ds is not None:
+        te = _maybe_float(ds.get("EchoTime"))
+        tr = _maybe_float(ds.get("RepetitionTime"))
+        ti = _maybe_float(ds.get("InversionTime"))
+        if (ti is not None and ti > 0) or (te is not None and te >= 60):
+            weighting = "T2"
+        elif te is not None and tr is not None and te < 30 and tr < 1000:
+            weighting = "T1"
+    if plane == "sagittal":
+        return {"T2": SAGITTAL_T2, "T1": SAGITTAL_T1}.get(weighting)
+    if plane == "axial" and weighting == "T2":
+        return AXIAL_T2
+    return None
+
+
+def _maybe_float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# === Studies ===
+
+
+def _candidate_files(folder: Path) -> list[Path]:
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name.upper() == "DICOMDIR" or not p.is_file():
+            continue
+        if p.suffix.lower() in _DICOM_SUFFIXES:
+            files.append(p)
+    return files
+
+
+def _build_series(series_id: str, headers: list[SliceHeader], dicom_description: str) -> Series:
+    sizes = {(h.rows, h.cols) for h in headers}
+    if len(sizes) > 1:
+        counts = {s: sum((h.rows, h.cols) == s for h in headers) for s in sizes}
+        common = max(sorted(sizes), key=lambda s: counts[s])
+        odd = next(h for h in headers if (h.rows, h.cols) != common)
+        raise DicomError(
+            odd.path,
+            f"slice size {odd.rows}x{odd.cols} differs from the series' {common[0]}x{common[1]}",
+        )
+    normals = np.array([h.normal for h in headers])
+    normals *= np.sign(normals @ normals[0])[:, None]  # align signs before averaging
+    normal = normals.mean(axis=0)
+    normal /= np.linalg.norm(normal)
+    if normal[np.argmax(np.abs(normal))] < 0:
+        normal = -normal
+    normal = normal + 0.0  # no negative zeros
+    order = sorted(
+        range(len(headers)), key=lambda i: (headers[i].position @ normal, headers[i].instance_number)
+    )
+    return Series(
+        series_id=series_id,
+        description="",
+        slices=[headers[i] for i in order],
+        normal=normal,
+        dicom_description=dicom_description,
+    )
+
+
+def read_series(folder: str | Path, series_id: str | None = None) -> list[Series]:
+    """Read the headers in one folder -> one Series per SeriesInstanceUID found there."""
+    folder = Path(folder)
+    groups: dict[str, list[tuple[SliceHeader, pydicom.Dataset]]] = {}
+    for path in _candidate_files(folder):
+        header, ds = read_instance_header(path)
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((header, ds))
+    out = []
+    for uid, items in groups.items():
+        ds0 = items[0][1]
+        if len(groups) == 1 and series_id is not None:
+            sid = series_id
+        else:
+            sid = str(ds0.get("SeriesNumber", "") or uid or folder.name)
+        series = _build_series(sid, [h for h, _ in items], str(ds0.get("SeriesDescription", "")))
+        series.description = infer_description(series.dicom_description, series.plane, ds0) or ""
+        out.append(series)
+    return out
+
+
+def read_study(
+    study_dir: str | Path, descriptions: dict[str, str] | None = None, only: Iterable[str] | None = None
+) -> Study:
+    """Read every series' headers in ``study_dir`` (no pixels).
+
+    Args:
+        study_dir: ``.../{study_id}``, with one sub-folder per series (files directly in it are
+            grouped by SeriesInstanceUID).
+        descriptions: ``series_id -> series description`` for this study (from the RSNA CSV,
+            see `read_series_descriptions`); series not in it are typed from their headers.
+
+        only: series descriptions wanted; a series folder that the CSV types as something else is
+            not opened at all (saves reading e.g. the axial headers when only sagittal views are
+            needed). Folders the CSV does not know are always read.
+
+    A missing series is not an error: the Study just lacks it.
+    """
+    study_dir = Path(study_dir)
+    if not study_dir.exists():
+        raise DicomError(study_dir, "study folder not found")
+    if not study_dir.is_dir():
+        raise DicomError(study_dir, "not a folder")
+    descriptions = {str(k): str(v) for k, v in (descriptions or {}).items()}
+    found: list[Series] = []
+    warn: list[str] = []
+    folders = [study_dir] + sorted(p for p in study_dir.iterdir() if p.is_dir())
+    folders = [p for p in folders if not p.name.startswith(".")]
+    wanted = set(only) if only is not None else None
+    for folder in sorted(folders, key=lambda p: _series_sort_key(p.name)):
+        known = descriptions.get(folder.name)
+        if wanted is not None and folder != study_dir and known is not None and known not in wanted:
+            continue
+        series_list = read_series(folder, None if folder == study_dir else folder.name)
+        if not series_list and folder != study_dir:
+            warn.append(f"series folder {folder.name}: no DICOM files; ignored")
+        found.extend(series_list)
+    if not found:
+        raise DicomError(study_dir, "empty study folder (no DICOM files)")
+    study = Study(study_id=study_dir.name, path=study_dir, series={}, warnings=warn)
+    for series in found:
+        if series.series_id in descriptions:
+            series.description = descriptions[series.series_id]
+        if not series.description:
+            study.extra.append(series)
+            # No paths or header strings in warnings: they end up in predictions.json.
+            study.warnings.append(
+                f"series {series.series_id} ({series.plane}) is not "
+                f"{'/'.join(CANONICAL_DESCRIPTIONS)}; ignored"
+            )
+            continue
+        current = study.series.get(series.description)
+        if current is None:
+            study.series[series.description] = series
+            continue
+        keep, drop = (series, current) if len(series.slices) > len(current.slices) else (current, series)
+        study.series[series.description] = keep
+        study.extra.append(drop)
+        study.warnings.append(
+            f"series {current.series_id} and {series.series_id} are both "
+            f"{series.description!r}; kept {keep.series_id} ({len(keep.slices)} slices)"
+        )
+    return study
+
+
+def _series_sort_key(name: str):
+    return (0, int(name), name) if name.isdigit() else (1, 0, name)
+
+
+def read_series_descriptions(csv_path: str | Path) -> dict[str, dict[str, str]]:
+    """``train_series_descriptions.csv`` -> ``{study_id: {series_id: description}}``."""
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            needed = {"study_id", "series_id", "series_description"}
+            missing = needed - set(reader.fieldnames or ())
+            if missing:
+                raise DicomError(csv_path, f"missing column(s) {', '.join(sorted(missing))}")
+            out: dict[str, dict[str, str]] = {}
+            for row in reader:
+                study, series = str(row["study_id"]).strip(), str(row["series_id"]).strip()
+                if not study or not series:
+                    continue
+                out.setdefault(study, {})[series] = str(row["series_description"]).strip()
+    except OSError as exc:
+        raise DicomError(csv_path, f"cannot read ({exc.strerror or exc})") from None
+    return out
+
+
+__all__ = [
+    "AXIAL_T2",
+    "CANONICAL_DESCRIPTIONS",
+    "DicomError",
+    "SAGITTAL_T1",
+    "SAGITTAL_T2",
+    "Series",
+    "SliceHeader",
+    "Study",
+    "ModalityMap",
+    "NativePixels",
+    "decode_instance",
+    "decode_stored",
+    "infer_description",
+    "plane_of_normal",
+    "read_instance_header",
+    "read_series",
+    "read_series_descriptions",
+    "read_study",
+]

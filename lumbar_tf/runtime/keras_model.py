@@ -1,0 +1,98 @@
+"""The Keras predictor: a trained end-to-end model (run folder or ``.keras`` file) run on views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lumbar_tf.core.config import PreprocessConfig
+from lumbar_tf.core.contract import MODEL_FILE, RUN_CONFIG_FILE, RUN_PRIOR_FILE
+from lumbar_tf.core.errors import ModelLoadError
+
+
+@dataclass
+class LoadedModel:
+    """An end-to-end Keras model with the preprocessing it was trained with."""
+
+    model: object
+    preprocess: PreprocessConfig
+    path: Path
+    run_dir: Path | None
+
+    def predict_views(self, views: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, np.ndarray]:
+        """Views {name: [B, S, S, 3] uint8/float} -> the output contract's tensors as numpy."""
+        inputs = {name: np.asarray(views[name], np.float32) for name in self.preprocess.view_names}
+        n = len(next(iter(inputs.values())))
+        parts = [
+            self.model({k: v[i : i + batch_size] for k, v in inputs.items()}, training=False)
+            for i in range(0, n, batch_size)
+        ]
+        return {key: np.concatenate([np.asarray(p[key]) for p in parts]) for key in parts[0]}
+
+
+def resolve_model_file(path: str | Path) -> tuple[Path, Path | None]:
+    """A run folder or a ``.keras`` file -> (model file, run folder or None)."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / MODEL_FILE
+        if not candidate.exists():
+            raise ModelLoadError(f"{path}: no {MODEL_FILE} in this folder (is it a finished run?)")
+        return candidate, path
+    if not path.exists():
+        raise ModelLoadError(f"{path}: model file not found")
+    run = path.parent if (path.parent / RUN_CONFIG_FILE).exists() else None
+    return path, run
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load an end-to-end model saved by `lumbar-tf train` (safe mode, no custom objects)."""
+    import keras
+
+    import lumbar_tf.models.networks  # noqa: F401  (registers the custom layers)
+    from lumbar_tf.models.end_to_end import preprocess_config_of
+
+    file, run = resolve_model_file(path)
+    if file.suffix != ".keras":
+        raise ModelLoadError(f"{file}: expected a .keras model file")
+    try:
+        model = keras.models.load_model(file)
+    except Exception as exc:  # corrupt zip, foreign model, ...
+        raise ModelLoadError(f"{file}: cannot load model ({exc.__class__.__name__})") from None
+    try:
+        preprocess = preprocess_config_of(model)
+    except ValueError:
+        raise ModelLoadError(f"{file}: not a lumbar-tf end-to-end model") from None
+    return LoadedModel(model, preprocess, file, run)
+
+
+class KerasPredictor:
+    """A predictor (`runtime.predictor`) over an end-to-end ``.keras`` model (run folder or file)."""
+
+    def __init__(self, path_or_loaded):
+        self.loaded = (
+            path_or_loaded if isinstance(path_or_loaded, LoadedModel) else load_model(path_or_loaded)
+        )
+        self.preprocess = self.loaded.preprocess
+        self.fine_grades = True
+        self.path = self.loaded.path
+        self.prior_threshold_probs = run_prior(self.loaded.run_dir)
+
+    def predict_views(self, views: dict) -> dict:
+        return self.loaded.predict_views(views)
+
+    def model_info(self) -> dict:
+        return {"name": self.loaded.model.name, "version": None, "format": "keras"}
+
+
+def run_prior(run_dir) -> list | None:
+    """The training split's class frequencies ``[5, 5, 3]`` a run folder stored, or None."""
+    import json
+
+    if run_dir is None or not (Path(run_dir) / RUN_PRIOR_FILE).is_file():
+        return None
+    try:
+        return json.loads((Path(run_dir) / RUN_PRIOR_FILE).read_text())["threshold_probs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,140 @@
+"""The one path from a DICOM study to predictions.json, shared by every runtime (no TensorFlow).
+
+    predictor = load_predictor("export/saved_model/lumbar_spine")   # or TFLite, Keras, gRPC, REST
+    result = predict_study(predictor, "test_images/44036939")
+    result.predictions                                               # the predictions.json dict
+
+A *predictor* is anything with:
+
+- ``preprocess``: the `PreprocessConfig` the model was trained with (views, sizes, offsets);
+- ``fine_grades``: whether its training labels made grade >= 1 known (presence is then P(>=1),
+  else P(>=2));
+- ``predict_views(views) -> {"threshold_probs" [B,5,5,3], "level_xy" [B,5,2], ...}`` on model-ready
+  views ``{name: [B, S, S, 3]}`` (0-255);
+- ``model_info() -> {"name", "version", "format"}``.
+
+The adapters are thin: `keras_model.KerasPredictor`, `saved_model.SavedModelPredictor`,
+`tflite_model.EdgeModel` and `serving.predictor.ServingPredictor` (gRPC or REST). `predict_study`
+reads the study once, builds the views exactly as training does (`preprocess.build_views`), runs
+the predictor, maps the levels back onto the source slices and builds predictions.json
+(`predictions.build_predictions`), so the JSON never depends on the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lumbar_tf import preprocess
+from lumbar_tf.core.config import PreprocessConfig
+from lumbar_tf.dicom.reader import DicomError, Study, read_series_descriptions, read_study
+from lumbar_tf.runtime import predictions
+
+
+class Predictor(Protocol):
+    preprocess: PreprocessConfig
+    fine_grades: bool
+
+    def predict_views(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def model_info(self) -> dict: ...
+
+
+@dataclass
+class StudyResult:
+    """What predicting one study produced: predictions.json, the study read, and the tensors behind it."""
+
+    predictions: dict
+    study: Study
+    outputs: dict  # the model's outputs for this study, numpy, batch of one
+    views: dict  # the model-ready views the predictor saw, {name: [S, S, 3] uint8}
+    grid: preprocess.ViewGrid
+    view_instances: dict  # view name -> instance numbers of its three channels
+    preprocess: PreprocessConfig
+
+    @property
+    def threshold_probs(self) -> np.ndarray:
+        """``[5, 5, 3]`` P(grade >= 1, 2, 3) per (condition, level), straight from the model."""
+        return np.asarray(self.outputs["threshold_probs"])[0]
+
+    @property
+    def level_xy(self) -> np.ndarray:
+        return np.asarray(self.outputs["level_xy"])[0]
+
+
+def descriptions_for_study(study_dir) -> dict[str, str] | None:
+    """Series descriptions of a study in the RSNA layout (``DATA/{split}_images/{study_id}``), if the
+    ``{split}_series_descriptions.csv`` is there; else None (series are typed from their headers)."""
+    study_dir = Path(study_dir)
+    images = study_dir.parent
+    split = images.name[: -len("_images")] if images.name.endswith("_images") else None
+    if not split:
+        return None
+    csv_path = images.parent / f"{split}_series_descriptions.csv"
+    if not csv_path.is_file():
+        return None
+    try:
+        return read_series_descriptions(csv_path).get(study_dir.name)
+    except DicomError:
+        return None
+
+
+def _check_outputs(outputs: dict, predictor) -> None:
+    from lumbar_tf.core.errors import ServingError
+
+    missing = [k for k in ("threshold_probs", "level_xy") if k not in outputs]
+    if missing:
+        raise ServingError(
+            f"the model has no output {', '.join(missing)} (is it a lumbar-tf export?)",
+            code="CLIENT",
+            target=str(getattr(predictor, "target", "")),
+        )
+
+
+def predict_study(
+    predictor: Predictor,
+    study_dir,
+    *,
+    study_id: str | None = None,
+    series_descriptions: dict | None = None,
+    study: Study | None = None,
+) -> StudyResult:
+    """Read a DICOM study, preprocess it as in training, run ``predictor``, build predictions.json.
+
+    Args:
+        predictor: see the module docstring.
+        study_dir: ``{study_id}/{series_id}/{instance}.dcm``.
+        study_id: written into predictions.json; default: the study folder's name.
+        series_descriptions: ``series_id -> description`` (RSNA CSV); default: the CSV of the
+            study's data folder when it is in the RSNA layout, else typed from the headers.
+        study: the study's headers when the caller has read them already (read once).
+
+    Raises:
+        DicomError: unreadable study or no sagittal series.
+    """
+    cfg = predictor.preprocess
+    if study is None:
+        if series_descriptions is None:
+            series_descriptions = descriptions_for_study(study_dir)
+        study = read_study(study_dir, series_descriptions)
+    views, grid, info, warnings = preprocess.build_views(study, cfg)
+    warnings = list(warnings)
+    batch = {name: np.asarray(views[name])[None] for name in cfg.view_names}
+    outputs = {k: np.asarray(v) for k, v in predictor.predict_views(batch).items()}
+    _check_outputs(outputs, predictor)
+    threshold_probs = outputs["threshold_probs"][0]
+    level_xy = outputs["level_xy"][0]
+    positions = predictions.level_positions_from_views(study, grid, info, level_xy, cfg, warnings)
+    preds = predictions.build_predictions(
+        study_id if study_id is not None else study.study_id,
+        threshold_probs,
+        level_xy,
+        model_info=predictor.model_info(),
+        level_positions=positions,
+        warnings=warnings,
+        fine_grades=bool(getattr(predictor, "fine_grades", True)),
+    )
+    return StudyResult(preds, study, outputs, views, grid, info, cfg)

@@ -1,0 +1,68 @@
+"""What the gRPC and REST clients share: view checks, retries with back-off, one-line messages."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from lumbar_tf.core.errors import ServingError
+
+# The request of one study is ~0.9 MB at 192 px; batches of studies can pass gRPC's 4 MB default.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_MAX_DETAIL_CHARS = 400
+
+
+def one_line(text, limit: int = _MAX_DETAIL_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# === Input checks shared by both clients ===
+
+
+def prepare_views(views: dict) -> dict[str, np.ndarray]:
+    """Views ``{name: [H,W,3] or [B,H,W,3]}`` -> float32 ``[B,H,W,3]`` arrays with one shared batch size.
+
+    Only the array layout is checked here; which names and sizes the model wants is the server's call
+    (its error comes back as a `ServingError`).
+    """
+    if not isinstance(views, dict) or not views:
+        raise ServingError("views: expected a non-empty dict {input name: array}", code="CLIENT")
+    out = {}
+    batch = None
+    for name, value in views.items():
+        arr = np.asarray(value)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ServingError(
+                f"views[{name!r}]: expected shape [H,W,3] or [B,H,W,3], got {list(np.shape(value))}",
+                code="CLIENT",
+            )
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise ServingError(f"views[{name!r}]: expected numbers, got dtype {arr.dtype}", code="CLIENT")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise ServingError(f"views[{name!r}]: contains NaN or infinite values", code="CLIENT")
+        if batch is None:
+            batch = arr.shape[0]
+        elif arr.shape[0] != batch:
+            raise ServingError(
+                f"views: batch sizes differ ({name!r} has {arr.shape[0]}, expected {batch})", code="CLIENT"
+            )
+        out[str(name)] = arr
+    return out
+
+
+def retry(call, *, tries: int, backoff_s: float, transient) -> object:
+    """Run ``call()``; on a transient exception sleep ``backoff_s * 2**k`` and try again, ``tries`` in all."""
+    tries = max(1, int(tries))
+    for attempt in range(tries):
+        try:
+            return call()
+        except Exception as exc:
+            if not transient(exc) or attempt == tries - 1:
+                raise
+            time.sleep(backoff_s * (2**attempt))
+    raise AssertionError("unreachable")

@@ -1,0 +1,196 @@
+"""TF Serving REST API (``POST /v1/models/<name>[/versions/<v>]:predict``), for back-end teams.
+
+    client = RestClient("http://tf-serving:8501")
+    outputs = client.predict({"sag_t2": view_t2, "sag_t1": view_t1})
+
+Standard library only (urllib): no TensorFlow on the client side.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from lumbar_tf.core.contract import DEFAULT_MODEL_NAME, SERVING_SIGNATURE
+from lumbar_tf.core.errors import ServingError
+from lumbar_tf.runtime.serving.common import one_line, prepare_views, retry
+
+MODEL_FORMAT = "saved_model"
+
+
+class _RestStatus(Exception):
+    """HTTP error status from TF Serving, with its ``{"error": ...}`` text."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(f"HTTP {status}: {text}")
+        self.status = status
+        self.text = text
+
+
+class RestClient:
+    """TF Serving REST API (``POST /v1/models/<name>[/versions/<v>]:predict``, columnar ``inputs``).
+
+    Args:
+        base_url: ``http://host:port`` of TF Serving's ``--rest_api_port`` (8501 by default).
+        model_name: the served model's name.
+        signature_name: signature to call.
+        version: pin a model version (default: latest).
+        timeout_s: socket timeout of each call in seconds.
+        retries: tries in all for transient failures (connection refused/reset, timeouts, HTTP 502/503/504,
+            i.e. TF Serving's UNAVAILABLE and DEADLINE_EXCEEDED); other errors are raised at once.
+        backoff_s: sleep before the second try; doubles before each further try.
+        proxies: ``{"http": url}`` to go through a proxy; by default the server is called directly
+            (environment proxy variables are ignored, so an in-cluster call never leaves the cluster).
+    """
+
+    transient_statuses = (502, 503, 504)
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8501",
+        model_name: str = DEFAULT_MODEL_NAME,
+        signature_name: str = SERVING_SIGNATURE,
+        version: int | None = None,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        *,
+        proxies: dict | None = None,
+    ):
+        if "://" not in base_url:
+            base_url = "http://" + base_url
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self.signature_name = signature_name
+        self.version = None if version is None else int(version)
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies or {}))
+
+    def __repr__(self) -> str:
+        return f"RestClient({self.base_url!r}, model_name={self.model_name!r}, version={self.version!r})"
+
+    @property
+    def target(self) -> str:
+        return self.base_url
+
+    def _model_url(self) -> str:
+        url = f"{self.base_url}/v1/models/{self.model_name}"
+        return url if self.version is None else f"{url}/versions/{self.version}"
+
+    def _model_ref(self) -> str:
+        if self.version is not None:
+            return f"model '{self.model_name}' version {self.version}"
+        return f"model '{self.model_name}'"
+
+    def _request_once(self, url: str, body: bytes | None) -> dict:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body else "GET")
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                text = json.loads(raw).get("error", "")
+            except (ValueError, AttributeError):
+                text = raw.decode("utf-8", "replace")
+            raise _RestStatus(exc.code, one_line(text or exc.reason)) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ServingError(
+                f"TF Serving at {self.base_url} answered with something that is not JSON",
+                code="CLIENT",
+                target=self.base_url,
+            ) from None
+
+    def _transient(self, exc) -> bool:
+        if isinstance(exc, _RestStatus):
+            return exc.status in self.transient_statuses
+        return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout))
+
+    def _call(self, url: str, body: bytes | None, what: str) -> dict:
+        try:
+            return retry(
+                lambda: self._request_once(url, body),
+                tries=self.retries,
+                backoff_s=self.backoff_s,
+                transient=self._transient,
+            )
+        except _RestStatus as exc:
+            raise self._status_error(exc, what) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            tries = max(1, self.retries)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                msg = (
+                    f"TF Serving at {self.base_url} did not answer {what} "
+                    f"within {self.timeout_s:g} s ({tries} tries)"
+                )
+                code = "DEADLINE_EXCEEDED"
+            else:
+                msg = f"cannot reach TF Serving at {self.base_url} after {tries} tries ({one_line(reason)})"
+                code = "UNAVAILABLE"
+            raise ServingError(msg, code=code, target=self.base_url) from None
+
+    def _status_error(self, exc: _RestStatus, what: str) -> ServingError:
+        at = f"TF Serving at {self.base_url}"
+        code = f"HTTP {exc.status}"
+        if exc.status == 404:
+            msg = f"{self._model_ref()} is not served by {at}: {exc.text}"
+        elif exc.status == 400 and "signature key" in exc.text.lower():
+            msg = (
+                f"{self._model_ref()} at {self.base_url} has no signature '{self.signature_name}': {exc.text}"
+            )
+        elif exc.status == 400:
+            msg = (
+                f"{at} rejected the {what} request for {self._model_ref()} "
+                f"(signature '{self.signature_name}'): {exc.text}"
+            )
+        elif exc.status in self.transient_statuses:
+            msg = f"{at} is overloaded or unavailable after {max(1, self.retries)} tries ({code}): {exc.text}"
+        else:
+            msg = f"{at} failed on {what} ({code}): {exc.text}"
+        return ServingError(msg, code=code, target=self.base_url)
+
+    # --- API ---
+
+    def predict(self, views: dict) -> dict[str, np.ndarray]:
+        """Same contract as `GrpcClient.predict`: float32 views in, numpy outputs (with batch axis) out."""
+        arrays = prepare_views(views)
+        payload = {
+            "signature_name": self.signature_name,
+            "inputs": {k: v.tolist() for k, v in arrays.items()},
+        }
+        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        answer = self._call(f"{self._model_url()}:predict", body, "predict")
+        outputs = answer.get("outputs") if isinstance(answer, dict) else None
+        if outputs is None:
+            raise ServingError(
+                f"TF Serving at {self.base_url} answered predict without 'outputs'",
+                code="CLIENT",
+                target=self.base_url,
+            )
+        if not isinstance(outputs, dict):  # a signature with a single output is sent unnamed
+            outputs = {"output_0": outputs}
+        return {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
+
+    def status(self) -> dict:
+        """``GET /v1/models/<name>[/versions/<v>]``: the versions and their state (AVAILABLE, LOADING...)."""
+        return self._call(self._model_url(), None, "status")
+
+    def metadata(self) -> dict:
+        """``GET /v1/models/<name>[/versions/<v>]/metadata``: the signature definitions as JSON."""
+        return self._call(f"{self._model_url()}/metadata", None, "metadata")
+
+    def model_info(self) -> dict:
+        """``{"name", "version", "format"}`` for predictions.json (REST answers do not name the version)."""
+        return {"name": self.model_name, "version": self.version, "format": MODEL_FORMAT}

@@ -1,0 +1,184 @@
+"""`lumbar-tf evaluate`: end-to-end metrics (grader on the localiser's crops) and plots.
+
+Writes ``metrics.json`` (DESIGN.md output contract, plus the localiser's error in mm), ROC and PR
+curves per condition, confusion matrices per condition and the training curves of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lumbar_tf.core import labels as L
+from lumbar_tf.core.contract import INTENDED_USE
+from lumbar_tf.core.io import write_json_atomic
+from lumbar_tf.data.dataset import DatasetError, load_manifest, load_studies, prepare_cache
+from lumbar_tf.runtime.keras_model import load_model, run_prior
+from lumbar_tf.training.metrics import compute_metrics, prior_threshold_probs_from_grades
+
+
+def _run_split(loaded) -> dict | None:
+    """The run's split.json (study -> fold, training data folder), or None for a bare model file."""
+    path = loaded.run_dir / "split.json" if loaded.run_dir else None
+    return json.loads(path.read_text()) if path and path.exists() else None
+
+
+def _studies_to_evaluate(
+    split: dict | None, same_data: bool, manifest: dict, split_fold: int | None
+) -> tuple[list[str], str]:
+    """Held-out studies: the run's validation fold when DATA is its training data, else all."""
+    if split is not None and (split_fold is not None or same_data):
+        fold = split["val_fold"] if split_fold is None else split_fold
+        cached = set(manifest["study_ids"])
+        ids = [s for s, f in split["folds"].items() if f == fold and s in cached]
+        return ids, f"fold {fold} of the training data (never trained on)"
+    return list(manifest["study_ids"]), "every study of the data folder"
+
+
+def _prior(loaded, grades: np.ndarray) -> tuple[np.ndarray, str]:
+    stored = run_prior(loaded.run_dir)
+    if stored is not None:
+        return np.asarray(stored), "training split"
+    return prior_threshold_probs_from_grades(grades), "evaluated studies (no run folder)"
+
+
+def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int | None = None) -> dict:
+    """Evaluate a run or model file on an RSNA-layout folder; returns the metrics dict."""
+    loaded = load_model(model_path)
+    cfg = loaded.preprocess
+    data_dir, out = Path(data_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = _run_split(loaded)
+    same_data = split is not None and Path(split.get("data_dir", "")) == data_dir.resolve()
+    if cache_dir:
+        cache = Path(cache_dir)
+    elif same_data and (loaded.run_dir / "cache").exists():
+        cache = loaded.run_dir / "cache"  # the run's own cache of this very data
+    else:
+        cache = out / "cache"
+    try:
+        manifest = load_manifest(cache, cfg)
+    except DatasetError:
+        manifest = prepare_cache(data_dir, cache, cfg)
+    ids, which = _studies_to_evaluate(split, same_data, manifest, split_fold)
+    studies = load_studies(cache, cfg, ids)
+    outputs = loaded.predict_views(studies["views"])
+    prior, prior_source = _prior(loaded, studies["grades"])
+    metrics = compute_metrics(outputs["threshold_probs"], studies["grades"], prior)
+    err = np.linalg.norm(outputs["level_xy"] - studies["level_xy"], axis=-1) * cfg.spine_crop_mm
+    err = err[studies["level_present"] > 0.5]
+    metrics["localizer_error_mm"] = {"median": float(np.median(err)), "p90": float(np.percentile(err, 90))}
+    metrics["evaluated_on"] = which
+    metrics["prior_from"] = prior_source
+    metrics["intended_use"] = INTENDED_USE
+    write_json_atomic(out / "metrics.json", metrics)
+    _plots(outputs["threshold_probs"], studies["grades"], out, loaded.run_dir)
+    return metrics
+
+
+# === Plots ===
+
+
+def _plots(threshold_probs: np.ndarray, grades: np.ndarray, out: Path, run: Path | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
+
+    targets, mask = L.encode_grades(grades)
+    fig_roc, axes_roc = plt.subplots(1, 5, figsize=(20, 4))
+    fig_pr, axes_pr = plt.subplots(1, 5, figsize=(20, 4))
+    for ci, condition in enumerate(L.CONDITIONS):
+        for ti, name in enumerate(L.THRESHOLDS):
+            m = mask[:, ci, :, ti] > 0.5
+            y, p = targets[:, ci, :, ti][m], threshold_probs[:, ci, :, ti][m]
+            if len(np.unique(y)) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, p)
+            prec, rec, _ = precision_recall_curve(y, p)
+            axes_roc[ci].plot(fpr, tpr, label=f"grade{name}")
+            axes_pr[ci].plot(rec, prec, label=f"grade{name}")
+        for ax, (xl, yl) in ((axes_roc[ci], ("FPR", "TPR")), (axes_pr[ci], ("recall", "precision"))):
+            ax.set_title(condition.replace("_", " "), fontsize=9)
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            ax.legend(fontsize=7)
+    fig_roc.tight_layout()
+    fig_roc.savefig(out / "roc_curves.png", dpi=80)
+    fig_pr.tight_layout()
+    fig_pr.savefig(out / "pr_curves.png", dpi=80)
+
+    grade_probs = L.grade_probs_from_thresholds(threshold_probs)
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4))
+    for ci, condition in enumerate(L.CONDITIONS):
+        true = grades[:, ci].ravel()
+        pred = grade_probs[:, ci].argmax(-1).ravel()
+        keep = true >= 0
+        cm = confusion_matrix(true[keep], pred[keep], labels=[0, 1, 2, 3])
+        axes[ci].imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            axes[ci].text(j, i, str(v), ha="center", va="center", fontsize=8)
+        axes[ci].set_xticks(range(4), L.GRADES, fontsize=7)
+        axes[ci].set_yticks(range(4), L.GRADES, fontsize=7)
+        axes[ci].set_xlabel("predicted")
+        axes[ci].set_ylabel("true")
+        axes[ci].set_title(condition.replace("_", " "), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrices.png", dpi=80)
+    plt.close("all")
+    if run is not None:
+        _training_curves(run, out)
+
+
+def _training_curves(run: Path, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    files = sorted((run / "history").glob("*.csv"))
+    if not files:
+        return
+    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4), squeeze=False)
+    for ax, path in zip(axes[0], files):
+        with open(path) as handle:
+            rows = list(csv.DictReader(handle))
+        for key in ("loss", "val_loss"):
+            if rows and key in rows[0]:
+                ax.plot([float(r[key]) for r in rows], label=key)
+        ax.set_title(f"{path.stem} training")
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=80)
+    plt.close(fig)
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """A terminal table of the headline metrics."""
+    rows = [
+        ("studies", f"{metrics['n_studies']}"),
+        ("macro ROC-AUC", _fmt(metrics["macro_roc_auc"])),
+        ("mean average precision", _fmt(metrics["mean_average_precision"])),
+        ("accuracy / balanced", f"{_fmt(metrics['accuracy'])} / {_fmt(metrics['balanced_accuracy'])}"),
+        ("RSNA weighted log loss", _fmt(metrics["rsna_log_loss"]["total"])),
+        ("  constant-prior baseline", _fmt(metrics["prior_rsna_log_loss"]["total"])),
+    ]
+    if "localizer_error_mm" in metrics:
+        e = metrics["localizer_error_mm"]
+        rows.append(("localiser error mm (median/p90)", f"{e['median']:.1f} / {e['p90']:.1f}"))
+    lines = [f"{k:<34}{v}" for k, v in rows]
+    lines.append(f"{'condition':<34}{'AUC':>7}{'F1':>7}{'QWK':>7}")
+    for c in L.CONDITIONS:
+        auc = metrics["per_condition_roc_auc"].get(c)
+        lines.append(
+            f"{c:<34}{_fmt(auc):>7}{_fmt(metrics['per_condition_f1'].get(c)):>7}"
+            f"{_fmt(metrics['quadratic_weighted_kappa'].get(c)):>7}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
