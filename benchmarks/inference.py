@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "training" / "configs" / "cpu_demo.yaml"
+DEMO_CONFIG = "cpu_demo"  # built-in config (package data)
 NAME = "lumbar_spine"
 
 
@@ -56,7 +56,7 @@ def build_untrained_export(work: Path) -> tuple[Path, Path]:
     from lumbar_tf.models.end_to_end import build_end_to_end
     from lumbar_tf.models.networks import build_grader, build_localizer
 
-    cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None)
+    cfg = load_config(DEMO_CONFIG)
     p = cfg.preprocess
     model = build_end_to_end(
         build_localizer(p.view_size, cfg.model), build_grader(p.crop_size, p.view_names, cfg.model), p

@@ -19,7 +19,7 @@ from lumbar_tf.preprocess import ViewGrid, level_boxes
 from lumbar_tf.report import explain, heatmaps
 from tests import dicom_factory as factory
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "cpu_demo.yaml"
+DEMO_CONFIG = "cpu_demo"  # built-in config
 
 
 def _first_study(phantom_dir: Path) -> Path:
