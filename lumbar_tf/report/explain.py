@@ -44,7 +44,7 @@ from lumbar_tf.core.config import PreprocessConfig, config_to_dict
 from lumbar_tf.core.contract import INTENDED_USE, PREDICTIONS_FILE
 from lumbar_tf.core.errors import ModelLoadError
 from lumbar_tf.dicom.reader import SAGITTAL_T1, SAGITTAL_T2
-from lumbar_tf.report.heatmaps import grade_prob_array, save_png, write_heatmaps
+from lumbar_tf.report.heatmaps import grade_prob_array, midline_image, save_png, write_heatmaps
 
 TARGET_THRESHOLD = 1  # index into labels.THRESHOLDS: ">=2"
 REPORT_FILE = "report.html"
@@ -127,17 +127,6 @@ def slice_image(series, index: int, cfg: PreprocessConfig) -> np.ndarray:
     from lumbar_tf.preprocess import prepared_slices
 
     return prepared_slices(series, [index], cfg)[0]
-
-
-def midline_slice(study, info: dict, cfg: PreprocessConfig):
-    """(series, slice index) the level positions are given on (as `level_positions_from_views`), or None."""
-    for spec in cfg.views:
-        instances = list(info.get(spec.name) or [])
-        series = study.series_by_description(spec.series_description)
-        if instances and series is not None:
-            instance = instances[channel_for_side(spec.offsets_mm, "midline")]
-            return series, series.index_of_instance(instance)
-    return None
 
 
 # === Crop <-> source mapping ===
@@ -511,8 +500,9 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict = {"predictions": write_predictions(out / PREDICTIONS_FILE, predictions)}
-    mid = midline_slice(study, info, cfg)
-    midline = slice_image(mid[0], mid[1], cfg) if mid else np.zeros((cfg.view_size,) * 2, np.uint8)
+    midline = midline_image(result)  # the slice predictions.json places the levels on
+    if midline is None:
+        midline = np.zeros((cfg.view_size,) * 2, np.uint8)
     paths["grid"], paths["levels"] = write_heatmaps(predictions, midline, out)
 
     boxes = level_boxes(level_xy, cfg)
