@@ -177,7 +177,7 @@ def build_localizer(view_size: int, cfg: ModelConfig | None = None, name: str = 
 def check_weights_file(path) -> Path:
     """A local weights file that exists and has a weights suffix, or `WeightsError` naming it.
 
-    Cheap (no loading), so `train` calls it before spending minutes on the localiser.
+    Cheap (no loading), so a bad path is named before Keras tries to read it.
     """
     weights_path = Path(path)
     if not weights_path.is_file():
