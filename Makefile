@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/lumbar-tf demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lumbar_tf tests benchmarks training export serving
 	$(BIN)/ruff format --check lumbar_tf tests benchmarks training export serving
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py

@@ -1,23 +1,28 @@
-"""The command line: one-line errors with exit status 2 for bad input, no traceback."""
+"""The command line: one-line errors with exit status 2 for bad input, no traceback.
 
+Commands run in this process through `lumbar_tf.cli.main.main` (what the console script calls), so
+each test does not pay a fresh TensorFlow import; `--help` runs the module in a new interpreter.
+"""
+
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from lumbar_tf.cli.main import main
 from lumbar_tf.data.dataset import read_index
 from tests.conftest import TINY_OVERRIDES
 
 
-def run_cli(*args, timeout=300):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lumbar_tf.cli.main", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
+def run_cli(*args):
+    """(exit status, stdout, stderr) of ``lumbar-tf ARGS``."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(code, err, *needles):
@@ -30,8 +35,11 @@ def assert_one_line_error(code, err, *needles):
 
 
 def test_help_lists_every_command():
-    code, out, _ = run_cli("--help")
-    assert code == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "lumbar_tf.cli.main", "--help"], capture_output=True, text=True, timeout=300
+    )
+    code, out = done.returncode, done.stdout
+    assert code == 0, done.stderr
     for command in (
         "synth",
         "prepare",
@@ -112,10 +120,9 @@ def test_missing_weights_file_is_named(phantom_dir, phantom_cache, tmp_path):
 def test_mismatching_weights_file_is_named(phantom_dir, phantom_cache, tmp_path):
     wrong = tmp_path / "wrong.weights.h5"
     wrong.write_bytes(b"this is not an HDF5 weights file")
-    code, _, err = train_with_weights(
-        phantom_dir, phantom_cache, tmp_path, wrong, *TINY_OVERRIDES, "train.localizer.epochs=1"
-    )
+    code, _, err = train_with_weights(phantom_dir, phantom_cache, tmp_path, wrong, *TINY_OVERRIDES)
     assert_one_line_error(code, err, "wrong.weights.h5")
+    assert not (tmp_path / "run" / "localizer.keras").exists()  # refused before the localiser trained
 
 
 def test_grader_stage_needs_a_localizer(phantom_dir, phantom_cache, tmp_path):

@@ -221,9 +221,3 @@ def test_tflite_without_lumbar_signatures_is_rejected(tmp_path):
     path.write_bytes(converter.convert())
     with pytest.raises(ModelLoadError, match="not a lumbar-tf TFLite export"):
         EdgeModel(path)
-
-
-def test_package_init_is_light():
-    init = Path(__file__).resolve().parents[1] / "lumbar_tf" / "__init__.py"
-    text = init.read_text()
-    assert "import" not in text or all(h not in text for h in HEAVY)

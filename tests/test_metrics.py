@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -64,10 +63,22 @@ def test_accuracy_and_balanced_accuracy_match_sklearn():
     y_true, y_pred = grades[labelled], pred[labelled]
     out = M.compute_metrics(probs, grades)
     np.testing.assert_allclose(out["accuracy"], skm.accuracy_score(y_true, y_pred), rtol=1e-12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # y_pred holds classes absent from y_true
-        expected_balanced = skm.balanced_accuracy_score(y_true, y_pred)
-    np.testing.assert_allclose(out["balanced_accuracy"], expected_balanced, rtol=1e-12)
+    recalls = [np.mean(y_pred[y_true == k] == k) for k in np.unique(y_true)]
+    np.testing.assert_allclose(out["balanced_accuracy"], np.mean(recalls), rtol=1e-12)
+
+
+def test_balanced_accuracy_worked_by_hand():
+    """Mean recall over the true classes, Normal/Mild its own class, predicted-only classes ignored."""
+    probs, grades = np.full((1, 5, 5, 3), 0.01), np.full((1, 5, 5), UNK)
+    none, mild, severe = (0.1, 0.05, 0.01), (0.9, 0.1, 0.05), (0.95, 0.9, 0.9)
+    cells = [(0, 0, none), (0, 0, mild), (3, 3, severe), (3, 3, severe)]  # (true, predicted, probs)
+    for level, (grade, _, p) in enumerate(cells):
+        grades[0, 0, level], probs[0, 0, level] = grade, p
+    grades[0, 1, 0], probs[0, 1, 0] = NM, (0.9, 0.8, 0.1)  # Normal/Mild predicted moderate
+    assert list(M.predicted_codes(probs, grades)[grades != UNK]) == [0, 1, 3, 3, 2]
+    out = M.compute_metrics(probs, grades)
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 2 + 0 / 1) / 3)
 
 
 def test_per_condition_f1_and_qwk_match_sklearn():

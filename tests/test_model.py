@@ -122,7 +122,8 @@ def test_localizer_contract():
 
 
 @pytest.mark.parametrize("backbone", M.BACKBONES)
-def test_grader_builds_for_every_backbone(backbone):
+def test_grader_builds_and_takes_a_fit_step_for_every_backbone(backbone):
+    """Built once per backbone (the costly part): outputs, the Grad-CAM layer, one training step."""
     grader = M.build_grader(CROP, VIEWS, ModelConfig(backbone=backbone, **TINY))
     assert set(grader.input) == {*VIEWS, "level_index"}
     assert M.grader_view_names(grader) == VIEWS  # concatenation order, not Keras' sorted dict order
@@ -135,6 +136,11 @@ def test_grader_builds_for_every_backbone(backbone):
     conv_name = M.grader_last_conv_layer_name(grader)
     conv_output = grader.get_layer("backbone").get_layer(conv_name).output
     assert len(conv_output.shape) == 4
+    # Eager: tracing a train step of the application backbones costs 10-40 s on 2 cores; the traced
+    # path is exercised by the small_cnn fit tests.
+    grader.compile(optimizer="adam", loss=OrdinalFocalLoss(), run_eagerly=True)
+    history = grader.fit(_grader_batch(4), _grader_targets(4), batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
 
 
 def test_grader_rejects_bad_arguments():
@@ -172,7 +178,11 @@ def _roundtrip(model, tmp_path, name):
     return keras.models.load_model(path, safe_mode=True)  # no custom_objects: registration suffices
 
 
-@pytest.mark.parametrize("backbone", ["small_cnn", "resnet50"])
+# An application backbone (EfficientNet: the production family, with its Normalization layer) is
+# reloaded in the fast suite; ResNet50 (100 MB of weights, about a minute) only with the slow tests.
+@pytest.mark.parametrize(
+    "backbone", ["small_cnn", "efficientnetb0", pytest.param("resnet50", marks=pytest.mark.slow)]
+)
 def test_grader_save_reload_gives_identical_outputs(tmp_path, backbone):
     grader = M.build_grader(CROP, VIEWS, ModelConfig(backbone=backbone, **TINY))
     grader.compile(optimizer="adam", loss=OrdinalFocalLoss(focal_weight=0.3))
@@ -281,16 +291,6 @@ def test_small_cnn_grader_fits_and_its_loss_goes_down():
     assert np.all(np.isfinite(history))
     assert history[-1] < history[0]
     _assert_monotone(np.asarray(grader.predict(batch, verbose=0)))
-
-
-@pytest.mark.parametrize("backbone", [b for b in M.BACKBONES if b != "small_cnn"])
-def test_application_grader_fit_step_runs(backbone):
-    grader = M.build_grader(CROP, VIEWS, ModelConfig(backbone=backbone, **TINY))
-    # Eager: tracing a train step of these backbones costs 10-40 s on 2 cores; the traced path is
-    # exercised by the small_cnn fit tests.
-    grader.compile(optimizer="adam", loss=OrdinalFocalLoss(), run_eagerly=True)
-    history = grader.fit(_grader_batch(4), _grader_targets(4), batch_size=4, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
 
 
 def test_localizer_fits_and_its_loss_goes_down():

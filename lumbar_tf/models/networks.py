@@ -177,7 +177,7 @@ def build_localizer(view_size: int, cfg: ModelConfig | None = None, name: str = 
 def check_weights_file(path) -> Path:
     """A local weights file that exists and has a weights suffix, or `WeightsError` naming it.
 
-    Cheap (no loading), so `train` calls it before spending minutes on the localiser.
+    Cheap (no loading), so a bad path is named before Keras tries to read it.
     """
     weights_path = Path(path)
     if not weights_path.is_file():
@@ -430,8 +430,7 @@ def build_grader_gradcam_model(grader: keras.Model, view_name: str) -> keras.Mod
     crop, produced by an Identity layer named ``"gradcam_features"`` on the path to the logits,
     so ``tape.gradient(threshold_logits[:, condition, threshold], feature_map)`` is defined.
     The layers (and weights) are the grader's own; ``threshold_logits`` equals the grader's output.
-    Works on a reloaded grader too. For tf-keras-vis, ``keras.Model(m.inputs, m.outputs[1])``
-    with ``penultimate_layer="gradcam_features"``.
+    Works on a reloaded grader too.
     """
     view_names = grader_view_names(grader)
     if view_name not in view_names:

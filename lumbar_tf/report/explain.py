@@ -17,10 +17,11 @@ the crop) and the channel only chooses the slice it is displayed on. The target 
 gradings, and the threshold whose evidence a reader asks about ("why moderate/severe here?").
 
 Grad-CAM++ is computed with a `tf.GradientTape` over `model.build_grader_gradcam_model` (the grader's own
-layers with the chosen view's feature map exposed) rather than tf-keras-vis: the grader takes a dict of
-two crops plus an integer ``level_index``, and one forward pass per view with a persistent tape gives
-the gradients of all five levels (a batch of independent samples) for every condition read on that
-view. The weighting is tf-keras-vis' `GradcamPlusPlus` formula (see `gradcam_plus_plus`).
+layers with the chosen view's feature map exposed) rather than tf-keras-vis, which cannot see into the
+nested grader and needs one call per condition (README, Dependencies): one forward pass per view with a
+persistent tape gives the gradients of all five levels (a batch of independent samples) for every
+condition read on that view. The weighting is tf-keras-vis' `GradcamPlusPlus` formula (see
+`gradcam_plus_plus`).
 
 Coordinates go crop pixel -> normalised view -> source pixel of the chosen slice through
 `lumbar_tf.preprocess` (the maps training and inference use), so the overlay sits where the grader

@@ -10,7 +10,7 @@ Definitions (DESIGN.md "Output contract"):
   ``mean_average_precision`` average the tasks that hold both classes.
 - ``accuracy`` / ``balanced_accuracy``: most probable grade vs. true grade per labelled cell; a
   cell labelled only ``Normal/Mild`` is judged in the RSNA 3-class space (normal-mild / moderate /
-  severe). Balanced accuracy is the mean recall over the true classes present (Normal/Mild
+  severe). Balanced accuracy (scikit-learn's) is the mean recall over the true classes present (Normal/Mild
   counting as its own class).
 - ``per_condition_f1`` (macro F1) and ``quadratic_weighted_kappa`` are computed per condition in
   one ordinal space: the 4 grades when every labelled cell of that condition has a fine grade,
@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 from sklearn.metrics import (
     average_precision_score,
+    balanced_accuracy_score,
     cohen_kappa_score,
     confusion_matrix,
     f1_score,
@@ -303,8 +304,11 @@ def compute_metrics(threshold_probs, grades, prior_threshold_probs=None) -> dict
     labelled = codes != L.UNKNOWN
     y_true, y_pred = codes[labelled], predicted_codes(probs, codes)[labelled]
     accuracy = float(np.mean(y_true == y_pred)) if y_true.size else None
-    recalls = [float(np.mean(y_pred[y_true == k] == k)) for k in np.unique(y_true)]
-    balanced = float(np.mean(recalls)) if recalls else None
+    balanced = None
+    if y_true.size:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a predicted class absent from y_true has no recall: skipped
+            balanced = float(balanced_accuracy_score(y_true, y_pred))
 
     per_condition_f1, kappa = {}, {}
     for index, condition in enumerate(L.CONDITIONS):

@@ -271,9 +271,13 @@ def train(
     # A resumed run keeps its own resolved config; overrides still apply on top.
     cfg = load_config(run / "config.yaml" if resume else config_path, overrides)
     if cfg.model.weights not in (None, "imagenet"):
-        from lumbar_tf.models.networks import check_weights_file
+        from lumbar_tf.models.networks import build_backbone
 
-        check_weights_file(cfg.model.weights)  # fail before the localiser trains, not after
+        # Load the file into a throw-away backbone: one that is missing or does not fit fails in
+        # seconds, before the localiser trains for minutes.
+        build_backbone(
+            cfg.model.backbone, cfg.preprocess.crop_size, cfg.model.weights, cfg.model.small_cnn_filters
+        )
     if stage == "grader" and not (run / "localizer.keras").exists():
         raise RunFolderError(f"{run}: no localizer.keras yet (train it first with --stage localizer)")
     save_config(cfg, run / "config.yaml")
