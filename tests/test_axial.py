@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from lumbar_tf import axial, preprocess
 from lumbar_tf.core.config import PreprocessConfig
 from lumbar_tf.dicom.reader import AXIAL_T2, read_series, read_study
-from tests.dicom_factory import (
-    AXIAL_IOP,
-    SeriesSpec,
-    iop_vectors,
-    slice_positions,
-    tilted_axial_iop,
-    write_series,
-    write_stacks,
-    write_study,
-)
+
+try:  # tests/ as a package (repo root on sys.path) or as a plain folder (pytest prepends it)
+    from tests import dicom_factory as factory
+except ImportError:
+    import dicom_factory as factory
+
+AXIAL_IOP, SeriesSpec, iop_vectors = factory.AXIAL_IOP, factory.SeriesSpec, factory.iop_vectors
+slice_positions, tilted_axial_iop = factory.slice_positions, factory.tilted_axial_iop
+write_series, write_stacks, write_study = factory.write_series, factory.write_stacks, factory.write_study
 
 ROWS, COLS, SPACING = 40, 48, (0.9, 0.8)  # PixelSpacing (between rows, between columns)
+
+
+def test_axial_imports_no_tensorflow():
+    """The tablet runs the projection: no TensorFlow or Keras behind it."""
+    code = (
+        "import sys, lumbar_tf.axial\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras', 'tf_keras', 'jax', 'torch'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def axial_spec(**kw) -> SeriesSpec:
