@@ -159,30 +159,35 @@ def project_point(
     stacks the nearest plane wins; distances within ``tie_mm`` go to the series with more slices.
     Without a covering stack the nearest plane found is reported, not covered.
     """
+    stacks = [(order, se, st) for order, se in enumerate(series_list) for st in find_stacks(se, params)]
+    return _project(level, point, stacks, params)
+
+
+def _project(level: str, point, stacks: list, params: ProjectionParams) -> AxialProjection:
+    """`project_point` over stacks found already: ``[(series order, series, AxialStack)]``."""
     point = np.asarray(point, dtype=np.float64).reshape(3)
     if not np.all(np.isfinite(point)):
         return AxialProjection(
             level, None, None, None, math.nan, math.nan, math.nan, False, "no level position"
         )
-    if not series_list:
+    if not stacks:
         return AxialProjection(
             level, None, None, None, math.nan, math.nan, math.nan, False, "no axial series"
         )
     candidates = []  # (covered, |d|, -n slices, order, series, index, d, xy, reason)
-    for order, series in enumerate(series_list):
-        for stack in find_stacks(series, params):
-            distances = [_signed_distance(series, i, point) for i in stack.indices]
-            k = int(np.argmin(np.abs(distances)))
-            index, d = stack.indices[k], distances[k]
-            xy = series.slices[index].patient_to_pixel(point)
-            half = stack.spacing_mm / 2 + params.tolerance_mm
-            if abs(d) > half:
-                reason = f"nearest axial slice is {abs(d):.1f} mm away (covered up to {half:.1f} mm)"
-            elif not _inside_fov(series.slices[index], xy):
-                reason = "projects outside the nearest axial slice's field of view"
-            else:
-                reason = ""
-            candidates.append((not reason, abs(d), -len(series.slices), order, series, index, d, xy, reason))
+    for order, series, stack in stacks:
+        distances = [_signed_distance(series, i, point) for i in stack.indices]
+        k = int(np.argmin(np.abs(distances)))
+        index, d = stack.indices[k], distances[k]
+        xy = series.slices[index].patient_to_pixel(point)
+        half = stack.spacing_mm / 2 + params.tolerance_mm
+        if abs(d) > half:
+            reason = f"nearest axial slice is {abs(d):.1f} mm away (covered up to {half:.1f} mm)"
+        elif not _inside_fov(series.slices[index], xy):
+            reason = "projects outside the nearest axial slice's field of view"
+        else:
+            reason = ""
+        candidates.append((not reason, abs(d), -len(series.slices), order, series, index, d, xy, reason))
     covered = [c for c in candidates if c[0]]
     pool = covered or candidates
     best = min(c[1] for c in pool)
@@ -211,7 +216,8 @@ def project_levels(
     if isinstance(series_list, Study):
         series_list = axial_series(series_list)
     points = np.asarray(points, dtype=np.float64).reshape(labels.N_LEVELS, 3)
-    return [project_point(level, points[k], series_list, params) for k, level in enumerate(labels.LEVELS)]
+    stacks = [(order, se, st) for order, se in enumerate(series_list) for st in find_stacks(se, params)]
+    return [_project(level, points[k], stacks, params) for k, level in enumerate(labels.LEVELS)]
 
 
 def slice_point_patient(series: Series, projection: AxialProjection) -> np.ndarray:
