@@ -312,36 +312,37 @@ def axial_crops(
 ) -> np.ndarray:
     """Per-level axial crops -> uint8 ``[5, size, size, 2 * neighbours + 1]``.
 
-    Channel ``neighbours`` is the chosen slice; the others are its neighbours in its stack, feet
-    first. Each channel is centred on the level's projection onto that slice. Slices are prepared
-    like the sagittal views (`preprocess.prepared_slices`: percentiles over all slices a series
-    gives here, CLAHE per slice), then resampled bilinearly, 0 outside the slice. A level that is
-    not covered, and a neighbour past the end of its stack, are zeros: a copied slice would show
-    anatomy that was not imaged there.
+    ``series``: the axial series the projections name (`axial_series`). Channel ``neighbours`` is
+    the chosen slice; the others are its neighbours in its stack, feet first. Each channel is
+    centred on the level's projection onto that slice. A level's slices are prepared together like
+    a view's (`preprocess.prepared_slices`: one pair of percentiles, CLAHE per slice), so its crop
+    does not depend on which other levels were found; then resampled bilinearly, 0 outside the
+    slice. A level that is not covered, and a neighbour past the end of its stack, are zeros: a
+    copied slice would show anatomy that was not imaged there.
     """
-    series_list = [series] if isinstance(series, Series) else list(series)
-    by_id = {s.series_id: s for s in series_list}
-    channels = 2 * int(neighbours) + 1
-    out = np.zeros((len(projections), int(size), int(size), channels), dtype=np.uint8)
-    plans: dict[str, list[tuple[int, int, int, np.ndarray]]] = {}  # series -> (level, channel, index, centre)
+    by_id = {s.series_id: s for s in ([series] if isinstance(series, Series) else series)}
+    size, neighbours = int(size), int(neighbours)
+    out = np.zeros((len(projections), size, size, 2 * neighbours + 1), dtype=np.uint8)
+    stacks: dict[str, list[AxialStack]] = {}
     for k, p in enumerate(projections):
-        if not p.covered or p.series_id not in by_id:
+        if not p.covered:
             continue
+        if p.series_id not in by_id:
+            raise ValueError(f"projection of {p.level} names series {p.series_id}, which was not given")
         se = by_id[p.series_id]
-        stack = next(st for st in find_stacks(se, params) if p.slice_index in st.indices)
+        if se.series_id not in stacks:
+            stacks[se.series_id] = find_stacks(se, params)
+        stack = next(st for st in stacks[se.series_id] if p.slice_index in st.indices)
         centre = slice_point_patient(se, p)
-        for c, index in enumerate(_neighbourhood(stack, p.slice_index, int(neighbours))):
-            if index is not None:
-                plans.setdefault(se.series_id, []).append((k, c, index, centre))
-    for series_id, items in plans.items():
-        se = by_id[series_id]
-        distinct = sorted({index for _, _, index, _ in items})
-        prepared = dict(zip(distinct, preprocess.prepared_slices(se, distinct, cfg), strict=True))
-        for k, c, index, centre in items:
+        chosen = [
+            (c, i) for c, i in enumerate(_neighbourhood(stack, p.slice_index, neighbours)) if i is not None
+        ]
+        prepared = preprocess.prepared_slices(se, [i for _, i in chosen], cfg)
+        for (c, index), pixels in zip(chosen, prepared, strict=True):
             out[k, :, :, c] = cv2.warpAffine(
-                prepared[index],
+                pixels,
                 crop_to_slice_affine(se.slices[index], centre, crop_mm, size),
-                (int(size), int(size)),
+                (size, size),
                 flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                 borderMode=cv2.BORDER_CONSTANT,
                 borderValue=0,

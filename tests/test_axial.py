@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -224,6 +225,12 @@ def test_axial_crops_centre_scale_orientation_and_channels(tmp_path, iop):
     assert np.allclose(blob_centre(crops[1, ..., 0]), (28.0, 20.0), atol=0.6)
     assert np.allclose(blob_centre(crops[1, ..., 1]), (20.0, 20.0), atol=0.6)
     assert np.allclose(blob_centre(crops[1, ..., 2]), (20.0, 26.0), atol=0.6)
+    # A level's crop depends on its own slices only.
+    alone = axial.axial_crops(series, [p], PreprocessConfig(), crop_mm=crop_mm, size=size)
+    np.testing.assert_array_equal(alone[0], crops[1])
+    other = dataclasses.replace(p, series_id="elsewhere")
+    with pytest.raises(ValueError, match="elsewhere"):
+        axial.axial_crops(series, [other], PreprocessConfig(), crop_mm=crop_mm, size=size)
     # Five neighbours on each side reach past the four-slice stack: those channels are zeros.
     wide = axial.axial_crops(series, [p] * 5, PreprocessConfig(), crop_mm=crop_mm, size=size, neighbours=5)
     assert wide.shape[-1] == 11
