@@ -37,6 +37,7 @@ class ProjectionParams:
 
     orientation_tol_deg: slices whose normals differ by less than this share a stack orientation.
     gap_factor: within one orientation, a gap over ``gap_factor`` x the median gap starts a new stack.
+    max_gap_mm: a gap over this always starts a new stack (two lone slices far apart are no stack).
     tolerance_mm: added to half the slice spacing before a point counts as outside a stack.
     single_slice_mm: the slab thickness assumed for a stack of one slice (no spacing to measure).
     tie_mm: nearest-plane distances closer than this are a tie (the series with more slices wins).
@@ -44,12 +45,14 @@ class ProjectionParams:
 
     orientation_tol_deg: float = 1.0
     gap_factor: float = 1.5
+    max_gap_mm: float = 12.0
     tolerance_mm: float = 1.0
     single_slice_mm: float = 4.0
     tie_mm: float = 0.1
 
 
 DEFAULT_PARAMS = ProjectionParams()
+_SAME_PLANE_MM = 0.01  # planes closer than this are one position (a repeated slice)
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,14 @@ def find_stacks(series: Series, params: ProjectionParams = DEFAULT_PARAMS) -> li
         order = np.argsort(pos, kind="stable")
         members, pos = [members[k] for k in order], pos[order]
         gaps = np.diff(pos)
-        cuts = []
-        if len(gaps) >= 2:
-            typical = float(np.median(gaps))
-            cuts = [k + 1 for k, g in enumerate(gaps) if g > params.gap_factor * typical]
+        limit = params.max_gap_mm
+        if np.count_nonzero(gaps > _SAME_PLANE_MM) >= 2:  # repeated planes (gap 0) say nothing of spacing
+            limit = min(limit, params.gap_factor * float(np.median(gaps[gaps > _SAME_PLANE_MM])))
+        cuts = [k + 1 for k, g in enumerate(gaps) if g > limit]
         for run, run_pos in zip(np.split(np.arange(len(members)), cuts), np.split(pos, cuts), strict=True):
-            spacing = float(np.median(np.diff(run_pos))) if len(run) > 1 else params.single_slice_mm
+            steps = np.diff(run_pos)
+            steps = steps[steps > _SAME_PLANE_MM]
+            spacing = float(np.median(steps)) if steps.size else params.single_slice_mm
             stacks.append(
                 AxialStack(
                     series_id=series.series_id,

@@ -113,6 +113,23 @@ def test_round_trip_patient_pixel_patient(disc_series):
             assert np.allclose(s.patient_to_pixel(back), (p.x_px, p.y_px), atol=1e-9)
 
 
+def test_stack_split_survives_repeated_planes_and_lone_slices(tmp_path):
+    # Every plane acquired three times (most gaps are 0 mm): still one stack, 4 mm spacing.
+    offsets = tuple(4.0 * (k // 3) for k in range(12))
+    write_stacks(tmp_path / "3", [axial_spec(n_slices=12, slice_offsets=offsets, center=(2.0, -10.0, 0.0))])
+    series = read_series(tmp_path / "3", "3")[0]
+    (stack,) = axial.find_stacks(series)
+    assert len(stack.indices) == 12 and stack.spacing_mm == pytest.approx(4.0)
+    assert axial.project_point("l1_l2", (2.0, -10.0, 14.5), [series]).covered  # 2.5 mm past plane 12
+    # Two lone parallel slices 40 mm apart are two one-slice stacks, not a 40 mm stack.
+    write_stacks(
+        tmp_path / "6", [axial_spec(n_slices=2, slice_offsets=(0.0, 40.0), center=(2.0, -10.0, 60.0))]
+    )
+    series = read_series(tmp_path / "6", "6")[0]
+    assert [len(s.indices) for s in axial.find_stacks(series)] == [1, 1]
+    assert not axial.project_point("l1_l2", (2.0, -10.0, 80.0), [series]).covered
+
+
 def test_reversed_instance_order(tmp_path):
     spec = axial_spec(n_slices=5, slice_spacing=4.0, center=(2.0, -10.0, 30.0))
     write_stacks(tmp_path / "9", [spec], descending_instances=True)
