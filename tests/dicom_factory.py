@@ -11,7 +11,7 @@ orientation; slices are spaced along patient x.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +256,53 @@ def write_study(
     for series_id, spec in specs.items():
         write_series(study_dir / series_id, spec, study_uid=study_uid, **kwargs)
     return study_dir
+
+
+def tilted_axial_iop(tilt_deg: float) -> tuple[float, ...]:
+    """An axial IOP rotated by ``tilt_deg`` about patient x (as a stack angled along a disc)."""
+    b = np.radians(tilt_deg)
+    return (1.0, 0.0, 0.0, 0.0, float(np.cos(b)), float(np.sin(b)))
+
+
+def write_stacks(
+    folder: str | Path,
+    stacks: list[SeriesSpec],
+    *,
+    descending_instances: bool = False,
+    study_uid: str | None = None,
+) -> tuple[list[Path], list[np.ndarray]]:
+    """Write several stacks (each its own IOP, centre and slice count) as ONE series in ``folder``.
+
+    Series-level fields (description, size, spacing, number, rescale) come from ``stacks[0]``.
+    Instance numbers run over the stacks in order, ascending along each stack's normal, or
+    descending with ``descending_instances`` (the reversed order some scanners write).
+    Returns (paths, ImagePositionPatient of every slice), both in writing order.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = stacks[0]
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    slices = []
+    for spec in stacks:
+        spec = replace(
+            first,
+            iop=spec.iop,
+            center=spec.center,
+            n_slices=spec.n_slices,
+            slice_spacing=spec.slice_spacing,
+            slice_offsets=spec.slice_offsets,
+            pixels=spec.pixels,
+            seed=spec.seed,
+        )
+        slices.extend(zip([spec] * spec.n_slices, stored_pixels(spec), slice_positions(spec)))
+    total = len(slices)
+    paths, positions = [], []
+    for k, (spec, pixels, position) in enumerate(slices):
+        instance = total - k if descending_instances else k + 1
+        ds = make_dataset(spec, pixels, position, instance, study_uid, series_uid)
+        path = folder / f"{instance}.dcm"
+        save(ds, path)
+        paths.append(path)
+        positions.append(position)
+    return paths, positions
