@@ -20,7 +20,8 @@ T2/STIR and the tilted Axial T2 show one anatomy, and every label point is an ex
 mapped through the DICOM geometry.
 
 Shapes are signed-distance functions (negative inside) turned into soft occupancies one pixel wide and
-painted back to front; a grade changes only the geometry a radiologist reads:
+painted back to front; a cell's latent severity (`sample_grades`; its label is the latent plus a
+reader's noise, cut into grades) changes only the geometry a radiologist reads:
 
 * spinal canal stenosis at a disc: disc bulge + ligamentum flavum close the CSF column from the front and
   the back (remaining antero-posterior fraction ~1.0 / 0.72 / 0.48 / 0.20 for grades 0-3), strongest in
@@ -34,9 +35,16 @@ Study-to-study nuisance (body size, lordosis, position, series matrices/spacings
 STIR contrast, tissue contrast, gain, bias field, texture, Rician noise, rescale slope/intercept) is
 drawn independently of the grades.
 
-Public API: `synthesize_dataset` writes a dataset; `iter_studies` yields the same studies in memory with
-their ground truth (`SyntheticStudy.phantom.landmark` gives each label's anatomical point in patient
-mm); `synthesize_study` + `write_study` make and write one study; `sample_grades` draws grades only;
+Acquisition (`ACQUISITIONS`): "realistic" plans every series on its own as RSNA 2024 studies were
+scanned (0.5-0.9 mm pixels, 320-640 matrices, fields holding the lower thoracic spine with the lumbar
+spine down to the lower half, rotated off-midline stacks, repeats, missing series, JPEG Lossless for a
+share; README "Phantom studies" gives the fact behind each choice); "centred" is the earlier coarse,
+spine-centred acquisition the pipeline was built on.
+
+Public API: `synthesize_dataset` writes a dataset (with ``train_latent.csv``, read by `read_latent`);
+`iter_studies` yields the same studies in memory with their ground truth
+(`SyntheticStudy.phantom.landmark` gives each label's anatomical point in patient mm);
+`synthesize_study` + `write_study` make and write one study; `sample_grades` draws grades only;
 `FAKE_PHI` / `phi_values` name the fake identifiers written into the headers.
 """
 
@@ -80,8 +88,12 @@ from lumbar_tf.core.labels import (
 )
 
 __all__ = [
+    "ACQUISITIONS",
     "AXIAL_T2",
     "FAKE_PHI",
+    "GRADE_CUTS",
+    "LATENT_FILE",
+    "READER_NOISE_SD",
     "FORAMEN_OFFSET_MM",
     "RECESS_OFFSET_MM",
     "SAGITTAL_T1",
@@ -94,7 +106,10 @@ __all__ = [
     "SyntheticSeries",
     "SyntheticStudy",
     "iter_studies",
+    "nearest_slice",
     "phi_values",
+    "read_latent",
+    "read_on",
     "sample_grades",
     "synthesize_dataset",
     "synthesize_study",
@@ -914,9 +929,9 @@ def _sample_phantom(rng: np.random.Generator, draw: GradeDraw) -> Phantom:
     canal_narrowing = np.clip(_latent_effect(_CANAL_NARROWING, z[0]), 0.0, 0.95)
     recess_narrowing = np.clip(_latent_effect(_RECESS_NARROWING, z[[3, 4]]), 0.0, 0.95)
 
-    # Sagittal curve as tangent angles: mild thoracic kyphosis, lumbar lordosis of 20-45 degrees with
-    # curvature growing towards L5/S1, sacral kyphosis; a few degrees of patient tilt. The curvature
-    # stays below ~1/120 mm so the posterior elements keep a unique foot on the curve.
+    # Sagittal curve as tangent angles: thoracic kyphosis (15-28 degrees over T7-L1), lumbar lordosis
+    # of 20-45 degrees with curvature growing towards L5/S1, sacral kyphosis; a few degrees of patient
+    # tilt. The curvature stays below ~1/120 mm so the posterior elements keep a unique foot on the curve.
     s_l1, s_s1, s_end = top[_L1], top[_S1], top[-1] + height[-1]
     lordosis = math.radians(rng.uniform(20.0, 45.0))
     grid = np.arange(-250.0, s_end + 250.0, 1.0)
