@@ -24,7 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def cmd_synth(args) -> int:
     from lumbar_tf.synthetic.phantom import synthesize_dataset
 
-    out = synthesize_dataset(args.out, args.studies, args.seed, progress=True, split=args.split)
+    out = synthesize_dataset(
+        args.out, args.studies, args.seed, progress=True, split=args.split, acquisition=args.acquisition
+    )
     print(f"wrote {args.studies} phantom studies to {out}")
     return 0
 
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument(
+        "--acquisition",
+        choices=("realistic", "centred"),
+        default="realistic",
+        help="realistic: as RSNA studies are scanned (default); centred: coarse fields centred on the spine",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="decode studies once into a TFRecord cache of model-ready views")

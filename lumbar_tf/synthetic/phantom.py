@@ -20,7 +20,8 @@ T2/STIR and the tilted Axial T2 show one anatomy, and every label point is an ex
 mapped through the DICOM geometry.
 
 Shapes are signed-distance functions (negative inside) turned into soft occupancies one pixel wide and
-painted back to front; a grade changes only the geometry a radiologist reads:
+painted back to front; a cell's latent severity (`sample_grades`; its label is the latent plus a
+reader's noise, cut into grades) changes only the geometry a radiologist reads:
 
 * spinal canal stenosis at a disc: disc bulge + ligamentum flavum close the CSF column from the front and
   the back (remaining antero-posterior fraction ~1.0 / 0.72 / 0.48 / 0.20 for grades 0-3), strongest in
@@ -34,9 +35,16 @@ Study-to-study nuisance (body size, lordosis, position, series matrices/spacings
 STIR contrast, tissue contrast, gain, bias field, texture, Rician noise, rescale slope/intercept) is
 drawn independently of the grades.
 
-Public API: `synthesize_dataset` writes a dataset; `iter_studies` yields the same studies in memory with
-their ground truth (`SyntheticStudy.phantom.landmark` gives each label's anatomical point in patient
-mm); `synthesize_study` + `write_study` make and write one study; `sample_grades` draws grades only;
+Acquisition (`ACQUISITIONS`): "realistic" plans every series on its own as RSNA 2024 studies were
+scanned (0.5-0.9 mm pixels, 320-640 matrices, fields holding the lower thoracic spine with the lumbar
+spine down to the lower half, rotated off-midline stacks, repeats, missing series, JPEG Lossless for a
+share; README "Phantom studies" gives the fact behind each choice); "centred" is the earlier coarse,
+spine-centred acquisition the pipeline was built on.
+
+Public API: `synthesize_dataset` writes a dataset (with ``train_latent.csv``, read by `read_latent`);
+`iter_studies` yields the same studies in memory with their ground truth
+(`SyntheticStudy.phantom.landmark` gives each label's anatomical point in patient mm);
+`synthesize_study` + `write_study` make and write one study; `sample_grades` draws grades only;
 `FAKE_PHI` / `phi_values` name the fake identifiers written into the headers.
 """
 
@@ -47,16 +55,25 @@ import dataclasses
 import datetime
 import functools
 import math
+import multiprocessing
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    MRImageStorage,
+    generate_uid,
+)
 
 from lumbar_tf.core.labels import (
     CONDITION_TITLES,
@@ -71,8 +88,12 @@ from lumbar_tf.core.labels import (
 )
 
 __all__ = [
+    "ACQUISITIONS",
     "AXIAL_T2",
     "FAKE_PHI",
+    "GRADE_CUTS",
+    "LATENT_FILE",
+    "READER_NOISE_SD",
     "FORAMEN_OFFSET_MM",
     "RECESS_OFFSET_MM",
     "SAGITTAL_T1",
@@ -85,7 +106,10 @@ __all__ = [
     "SyntheticSeries",
     "SyntheticStudy",
     "iter_studies",
+    "nearest_slice",
     "phi_values",
+    "read_latent",
+    "read_on",
     "sample_grades",
     "synthesize_dataset",
     "synthesize_study",
@@ -96,8 +120,10 @@ SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2 = "Sagittal T1", "Sagittal T2/STIR", "Axial T
 SERIES_DESCRIPTIONS = (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2)
 
 # Nominal lateral centres (mm from the spine midline, before the per-study body-size scale).
-RECESS_OFFSET_MM = 11.5
-FORAMEN_OFFSET_MM = 21.75
+# Real lumbar anatomy: the canal is ~20-25 mm wide with its lateral recesses at ~8-9 mm from the midline;
+# RSNA foraminal points lie 2-4 sagittal slices (~8-16 mm) from the midline slice.
+RECESS_OFFSET_MM = 8.5
+FORAMEN_OFFSET_MM = 15.0
 
 # Fake identifiers written into the PHI tags; ``{study_id}`` is replaced per study so a de-identification
 # test can grep any output for `phi_values(study_id)`.
@@ -129,20 +155,26 @@ def phi_values(study_id: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 UNKNOWN_FRACTION = 0.02
-# Ordinal probit: latent = study degeneration + level factor (+ side factor) + noise, cut at these
-# thresholds. Calibrated on 200k draws to none 47%, mild 32%, moderate 14.5%, severe 6.5% overall, with
-# L4/L5 and L5/S1 about five times as often moderate/severe as L1/L2.
+# Ordinal probit: latent severity = study degeneration + level factor (+ side factor) + cell factor; the
+# label is the latent plus the reader's noise, cut at these thresholds. Calibrated on 200k draws to none
+# 47%, mild 32%, moderate 14.5%, severe 6.5% overall, with L4/L5 and L5/S1 about five times as often
+# moderate/severe as L1/L2. The anatomy follows the latent severity, the label follows latent + noise:
+# the reader noise is what keeps a perfect score out of reach (`lumbar_tf.training.metrics.
+# bayes_optimal_threshold_probs` is the best any model can do).
 _LEVEL_MU = np.array([-0.95, -0.6, -0.2, 0.35, 0.2])
 _CONDITION_MU = np.array([0.0, 0.0, 0.0, 0.1, 0.1])
-_GRADE_CUTS = np.array([-0.283, 0.706, 1.487])
+GRADE_CUTS = (-0.283, 0.706, 1.487)
+READER_NOISE_SD = 0.25
+_CELL_SD = math.sqrt(0.5**2 - READER_NOISE_SD**2)  # cell factor + reader noise keep the old 0.5 spread
 
 
 class GradeDraw(NamedTuple):
     """One study's grades as drawn by `sample_grades`."""
 
-    grades: np.ndarray  # [condition, level] int 0-3: the anatomy drawn
+    grades: np.ndarray  # [condition, level] int 0-3: the label (latent + reader noise, cut)
     known: np.ndarray  # [condition, level] bool: False = written as unknown (empty) in the CSVs
     degeneration: np.ndarray  # [level] 0..1: disc desiccation and height loss
+    latent: np.ndarray  # [condition, level] latent severity: what the anatomy shows
 
 
 def sample_grades(rng: np.random.Generator) -> GradeDraw:
@@ -150,27 +182,38 @@ def sample_grades(rng: np.random.Generator) -> GradeDraw:
     study = rng.normal()
     level = _LEVEL_MU + 0.55 * rng.normal(size=N_LEVELS)
     side = 0.35 * rng.normal(size=(2, N_LEVELS))  # left, right: shared by foramen and recess
-    latent = 0.6 * study + level + _CONDITION_MU[:, None] + 0.5 * rng.normal(size=(N_CONDITIONS, N_LEVELS))
+    latent = (
+        0.6 * study + level + _CONDITION_MU[:, None] + _CELL_SD * rng.normal(size=(N_CONDITIONS, N_LEVELS))
+    )
     latent[[1, 3]] += side[0]
     latent[[2, 4]] += side[1]
-    grades = np.digitize(latent, _GRADE_CUTS).astype(np.int64)
+    read = latent + READER_NOISE_SD * rng.normal(size=(N_CONDITIONS, N_LEVELS))
+    grades = np.digitize(read, GRADE_CUTS).astype(np.int64)
     known = rng.random((N_CONDITIONS, N_LEVELS)) >= UNKNOWN_FRACTION
     # Discs dry out (dark on T2) and lose height with the same latent degeneration, not with a grade.
     degeneration = 1.0 / (1.0 + np.exp(-2.2 * (0.6 * study + level - 0.1 + 0.3 * rng.normal(size=N_LEVELS))))
-    return GradeDraw(grades, known, degeneration)
+    return GradeDraw(grades, known, degeneration, latent)
 
 
-# Grade -> geometry: mean per grade, +- uniform jitter. The jitter is a little over half a grade
-# step, so neighbouring grades overlap at their edges (as readers disagree on borderline cases)
-# and a perfect score is out of reach.
+def _latent_of_grades(grades: np.ndarray) -> np.ndarray:
+    """The latent severity at the middle of each grade's interval (for studies drawn with given grades)."""
+    cuts = np.asarray(GRADE_CUTS)
+    centres = np.concatenate([[cuts[0] - 0.5], 0.5 * (cuts[1:] + cuts[:-1]), [cuts[-1] + 0.5]])
+    return centres[np.asarray(grades)]
+
+
+# Latent severity -> geometry: each table holds the geometry at the middle of grade 0..3's latent
+# interval (`_latent_of_grades`), interpolated in between, flat below grade 0 and extrapolated one
+# latent unit above grade 3 (then clamped).
 _CANAL_NARROWING = np.array([0.03, 0.28, 0.52, 0.80])
 _RECESS_NARROWING = np.array([0.03, 0.30, 0.55, 0.85])
 _FORAMEN_SCALE = np.array([1.0, 0.80, 0.60, 0.40])
-_GRADE_JITTER = 0.14
 
 
-def _grade_effect(rng, table, grades):
-    return table[grades] + rng.uniform(-_GRADE_JITTER, _GRADE_JITTER, size=np.shape(grades))
+def _latent_effect(table, latent):
+    knots = _latent_of_grades(np.arange(4))
+    slope = (table[3] - table[2]) / (knots[3] - knots[2])
+    return np.interp(latent, [*knots, knots[3] + 1.0], [*table, table[3] + slope])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,6 +342,13 @@ class SeriesGeometry:
             out.append(v)
         return tuple(out)
 
+    def resampled(self, rows: int, cols: int) -> SeriesGeometry:
+        """The same field on a rows x cols grid (pixel edges coincide, as cv2.resize maps them)."""
+        ps = (self.pixel_spacing[0] * self.rows / rows, self.pixel_spacing[1] * self.cols / cols)
+        shift = 0.5 * (ps[1] - self.pixel_spacing[1]) * self.iop[:, :3]
+        shift = shift + 0.5 * (ps[0] - self.pixel_spacing[0]) * self.iop[:, 3:]
+        return dataclasses.replace(self, ipp=self.ipp + shift, pixel_spacing=ps, rows=rows, cols=cols)
+
     def patient_to_pixel(self, k: int, point) -> tuple[float, float, float]:
         """(column, row, signed distance from the slice plane in mm) of a patient point on slice k."""
         rel = np.asarray(point, np.float64) - self.ipp[k]
@@ -318,6 +368,9 @@ class SeriesGeometry:
 # the body-size scale. Discs j = 3..7 (below L1 .. below L5) are the five RSNA levels; the sacral
 # "discs" are fused remnants drawn as bone.
 _VERTEBRAE = (
+    ("T7", 17.5, 12.0, 18.0, 4.0),
+    ("T8", 18.0, 12.5, 19.0, 4.5),
+    ("T9", 18.5, 13.0, 20.0, 4.5),
     ("T10", 19.0, 13.5, 21.0, 5.0),
     ("T11", 20.0, 14.0, 22.0, 5.5),
     ("T12", 21.0, 14.5, 23.0, 6.5),
@@ -330,10 +383,10 @@ _VERTEBRAE = (
     ("S2", 21.0, 12.0, 20.0, 2.0),
     ("S3", 17.0, 9.0, 15.0, 0.0),
 )
-_L1 = 3  # index of L1; disc j lies below vertebra j, so RSNA level k is disc _L1 + k
-_S1 = 8
+_L1 = 6  # index of L1; disc j lies below vertebra j, so RSNA level k is disc _L1 + k
+_S1 = 11
 # Canal size relative to the lumbar canal along the column (thoracic and sacral canals are smaller).
-_CANAL_SCALE = (0.85, 0.88, 0.92, 0.96, 1.0, 1.0, 1.0, 1.0, 0.9, 0.75, 0.6)
+_CANAL_SCALE = (0.8, 0.82, 0.84, 0.85, 0.88, 0.92, 0.96, 1.0, 1.0, 1.0, 1.0, 0.9, 0.75, 0.6)
 
 # Tissue signal (T1, T2, STIR), 0..1 before gain, bias and noise.
 _TISSUES = {
@@ -449,7 +502,7 @@ class Phantom:
         below_upper_pedicle = self.top[:-1] + 0.59 * self.height[:-1]
         above_lower_pedicle = self.top[1:] + 0.11 * self.height[1:]
         s_f = 0.5 * (below_upper_pedicle + above_lower_pedicle)
-        d_f = 0.72 * 0.5 * (self.depth[:-1] + self.depth[1:]) + self.foramen_halfap
+        d_f = 0.9 * 0.5 * (self.depth[:-1] + self.depth[1:]) + self.foramen_halfap
         s_root = s_f - 0.45 * self.foramen_halfheight
         return s_f, d_f, s_root
 
@@ -498,7 +551,7 @@ class Phantom:
         views into the full arrays: a sagittal stack keeps x per slice and (y, z) per pixel, so a
         structure a few mm wide costs one or two slices, not the whole stack.
         """
-        s, d = self.centreline.to_local(y, z)
+        s, d = _to_local_smooth(self.centreline, y, z)
         lat = (x - self.x_mid).astype(np.float32)
         shape = np.broadcast_shapes(s.shape, d.shape, lat.shape)
         img = np.zeros(shape, np.float32)
@@ -517,8 +570,8 @@ class Phantom:
         front = -float(self.depth[_L1:_S1].mean())  # anterior surface of the lumbar bodies
         back = d_hi + 3.0 * sc + self.canal_ap + 8.0 * sc  # behind the laminae
         column = float(self.width.max()) + 2.0 + e
-        side_lo = min(11.0 * sc, self.foramen_offset - 8.0) - e  # facets, pedicles, foramina
-        side_hi = max(25.0 * sc, self.foramen_offset + 7.5) + e
+        side_lo = min(8.0 * sc, self.foramen_offset - 5.5) - e  # facets, pedicles, foramina
+        side_hi = max(19.5 * sc, self.foramen_offset + 5.5) + e
         psoas = float(self.width[_L1:_S1].mean()) + 10.0 * sc
         # Trunk: muscle everywhere, then subcutaneous fat and air only near the skin.
         img[...] = tissue["muscle"]
@@ -560,7 +613,7 @@ class Phantom:
     @property
     def _canal_reach(self) -> float:
         """Half width of the canal envelope and laminae."""
-        return self.canal_halfwidth + 7.0 * self.scale
+        return self.canal_halfwidth + 5.5 * self.scale
 
     def _profiles(self, s):
         """Functions of s only, read from one table: posterior wall d, body half-width, canal scale and
@@ -662,9 +715,9 @@ class Phantom:
         sc, s, d, lat, al, wall, cs = self.scale, f.s, f.d, f.l, f.al, f.wall, f.canal_scale
         dep = self.canal_depth(al) * cs
         central, left, right = f.narrowing
-        ro, rw = self.recess_offset, 5.2 * sc
+        ro, rw = self.recess_offset, 3.9 * sc
         closed_frac = (
-            central * np.exp(-((lat * (1.0 / (10.5 * sc))) ** 4))  # reaches the recesses a little (~0.2)
+            central * np.exp(-((lat * (1.0 / (8.0 * sc))) ** 4))  # reaches the recesses a little (~0.2)
             + left * np.exp(-(((lat - ro) * (1.0 / rw)) ** 6))
             + right * np.exp(-(((lat + ro) * (1.0 / rw)) ** 6))
         )
@@ -672,7 +725,7 @@ class Phantom:
         ant = wall + 0.5 * closed
         post = wall + dep - 0.5 * closed
         # The bony canal (laminae in front, ligamentum flavum lining it) arches behind the open part.
-        arch = self.canal_halfwidth + 6.0 * sc
+        arch = self.canal_halfwidth + 4.5 * sc
         lamina = wall + 3.0 * sc + self.canal_ap * cs * np.sqrt(np.clip(1.0 - (lat / arch) ** 2, 0.0025, 1.0))
         _paint(img, _occ(np.maximum(_slab(d, wall - 0.5, lamina), al - arch), edge), tissue["ligament"])
         # Open part: thin layers fade with their thickness instead of showing a half-bright edge.
@@ -680,7 +733,7 @@ class Phantom:
         fat = (
             self.fat_thickness
             * (1.0 - np.minimum(closed_frac, 1.0))
-            * np.clip(1.0 - (lat / (9.0 * sc)) ** 2, 0.0, 1.0)
+            * np.clip(1.0 - (lat / (7.0 * sc)) ** 2, 0.0, 1.0)
         )
         csf_post = post - fat
         sac = np.clip((self.top[_S1 + 1] + 4.0 - s) * (1.0 / 6.0), 0.0, 1.0)  # the dural sac ends at S2
@@ -735,20 +788,20 @@ class Phantom:
                 0.24 * height,
                 0.5 * (back - front),
             ),
-            _slab(al, self.foramen_offset - 8.0, self.foramen_offset + 6.0),
+            _slab(al, self.foramen_offset - 5.5, self.foramen_offset + 4.5),
             _unless(iv <= _S1),
         )
         self._bone(img, pedicle, tissue, edge)
         has_facet = jd < _S1
         facet_s = self.disc_centre[jd] - 0.1 * self.disc_height[jd]
         facet_half = 0.21 * (self.height[jd] + self.height[jd + 1])
-        fd, fl = d - (f.wall + 13.0 * sc), al - 18.0 * sc
+        fd, fl = d - (f.wall + 13.0 * sc), al - 14.0 * sc
         facet = np.sqrt(
             ((s - facet_s) / facet_half) ** 2
             + (fd * (1.0 / (9.0 * sc))) ** 2
-            + (fl * (1.0 / (7.0 * sc))) ** 2
+            + (fl * (1.0 / (5.5 * sc))) ** 2
         )
-        facet = np.maximum((facet - 1.0) * 7.0 * sc, _unless(has_facet))
+        facet = np.maximum((facet - 1.0) * 5.5 * sc, _unless(has_facet))
         self._bone(img, facet, tissue, edge)
         # The joint space runs from antero-medial to postero-lateral.
         joint = np.maximum(facet + 1.5, np.abs(fl - 0.7 * fd) * (1.0 / 1.22) - 0.5)
@@ -759,12 +812,12 @@ class Phantom:
         side = 0 if float(f.l.flat[0]) > 0 else 1  # a lateral box never spans the midline
         g = self.foramen_scale[side][jd]
         half_h = self.foramen_halfheight[jd]
-        across = (al - (self.foramen_offset + 0.25)) * (1.0 / 7.25)
+        across = (al - (self.foramen_offset + 0.25)) * (1.0 / 5.25)
         taper = (0.85 - 0.3 * np.clip((s - s_f) / half_h, -1.0, 1.0)) * np.clip(1.0 - across**8, 0.0, 1.0)
         half_ap = self.foramen_halfap * taper  # teardrop (wide at the root), closing at its lateral ends
         foramen = _max(
             _ellipse(s - s_f, d - d_f, half_h, half_ap + 1e-3),
-            _slab(al, self.foramen_offset - 7.0, self.foramen_offset + 7.5),
+            _slab(al, self.foramen_offset - 5.0, self.foramen_offset + 5.5),
             _unless(has_facet),
         )
         _paint(img, _occ(foramen, edge), tissue["ligament"])
@@ -778,6 +831,33 @@ class Phantom:
         """Cortex 1.2 mm thick around marrow."""
         _paint(img, _occ(sdf, edge), tissue["cortex"])
         _paint(img, _occ(sdf + 1.2, edge), tissue["marrow"])
+
+
+def _to_local_smooth(line: Centreline, y, z, step: int = 4):
+    """`Centreline.to_local` of a stack of pixel grids, solved on every `step`-th pixel and
+    interpolated bilinearly in between: (s, d) are smooth in (y, z) (error ~ step^2 * curvature, well
+    under 0.1 mm), and the Newton solve is the costliest part of a render when slices do not share
+    one (y, z) grid (rotated sagittal stacks, tilted axial stacks)."""
+    y, z = np.broadcast_arrays(np.asarray(y, np.float32), np.asarray(z, np.float32))
+    if y.ndim != 3 or min(y.shape[1:]) < 8 * step:
+        return line.to_local(y, z)
+    rows = np.unique(np.r_[0 : y.shape[1] : step, y.shape[1] - 1])
+    cols = np.unique(np.r_[0 : y.shape[2] : step, y.shape[2] - 1])
+    coarse = line.to_local(y[:, rows][:, :, cols], z[:, rows][:, :, cols])
+    jr, wr = _segments(rows, y.shape[1])
+    jc, wc = _segments(cols, y.shape[2])
+    out = []
+    for a in coarse:
+        a = a[:, jr] * (1 - wr)[None, :, None] + a[:, jr + 1] * wr[None, :, None]
+        out.append((a[:, :, jc] * (1 - wc) + a[:, :, jc + 1] * wc).astype(np.float32))
+    return tuple(out)
+
+
+def _segments(knots: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every index 0..n-1: the knot segment it lies in and its weight towards the upper knot."""
+    i = np.arange(n)
+    j = np.clip(np.searchsorted(knots, i, side="right") - 1, 0, len(knots) - 2)
+    return j, ((i - knots[j]) / (knots[j + 1] - knots[j])).astype(np.float32)
 
 
 class _Fields:
@@ -843,21 +923,21 @@ def _sample_phantom(rng: np.random.Generator, draw: GradeDraw) -> Phantom:
     disc[levels] *= 1.0 - 0.35 * dryness[levels]  # degenerated discs lose height
     top = np.concatenate([[0.0], np.cumsum(height[:-1] + disc)])
 
-    g = draw.grades
+    z = draw.latent
     foramen_scale = rng.uniform(0.95, 1.05, (2, len(disc)))
-    foramen_scale[:, levels] = _grade_effect(rng, _FORAMEN_SCALE, g[[1, 2]])
-    canal_narrowing = np.clip(_grade_effect(rng, _CANAL_NARROWING, g[0]), 0.0, 0.95)
-    recess_narrowing = np.clip(_grade_effect(rng, _RECESS_NARROWING, g[[3, 4]]), 0.0, 0.95)
+    foramen_scale[:, levels] = np.clip(_latent_effect(_FORAMEN_SCALE, z[[1, 2]]), 0.25, 1.0)
+    canal_narrowing = np.clip(_latent_effect(_CANAL_NARROWING, z[0]), 0.0, 0.95)
+    recess_narrowing = np.clip(_latent_effect(_RECESS_NARROWING, z[[3, 4]]), 0.0, 0.95)
 
-    # Sagittal curve as tangent angles: mild thoracic kyphosis, lumbar lordosis of 20-45 degrees with
-    # curvature growing towards L5/S1, sacral kyphosis; a few degrees of patient tilt. The curvature
-    # stays below ~1/120 mm so the posterior elements keep a unique foot on the curve.
+    # Sagittal curve as tangent angles: thoracic kyphosis (15-28 degrees over T7-L1), lumbar lordosis
+    # of 20-45 degrees with curvature growing towards L5/S1, sacral kyphosis; a few degrees of patient
+    # tilt. The curvature stays below ~1/120 mm so the posterior elements keep a unique foot on the curve.
     s_l1, s_s1, s_end = top[_L1], top[_S1], top[-1] + height[-1]
     lordosis = math.radians(rng.uniform(20.0, 45.0))
     grid = np.arange(-250.0, s_end + 250.0, 1.0)
     x_l = np.clip((grid - s_l1) / (s_s1 - s_l1), 0.0, 1.0)
     theta = lordosis * (0.5 * x_l + 0.5 * x_l * x_l)
-    theta -= math.radians(rng.uniform(4.0, 12.0)) * np.clip((grid - top[0]) / (s_l1 - top[0]), 0.0, 1.0)
+    theta -= math.radians(rng.uniform(15.0, 28.0)) * np.clip((grid - top[0]) / (s_l1 - top[0]), 0.0, 1.0)
     theta -= math.radians(rng.uniform(10.0, 25.0)) * np.clip((grid - s_s1) / (s_end - s_s1), 0.0, 1.0)
     theta -= np.interp(top[_L1 + 2], grid, theta) + math.radians(rng.uniform(-6.0, 6.0))  # L3 ~ vertical
     obesity = rng.uniform(0.0, 1.0)
@@ -875,9 +955,9 @@ def _sample_phantom(rng: np.random.Generator, draw: GradeDraw) -> Phantom:
         disc_height=disc,
         dryness=dryness,
         canal_ap=14.0 * sc * rng.uniform(0.93, 1.07),
-        canal_halfwidth=11.0 * sc,
+        canal_halfwidth=8.5 * sc,
         recess_ap=7.0 * sc * rng.uniform(0.93, 1.07),
-        recess_halfwidth=4.8 * sc,
+        recess_halfwidth=3.6 * sc,
         fat_thickness=3.0 * sc,
         canal_narrowing=canal_narrowing,
         recess_narrowing=recess_narrowing,
@@ -894,6 +974,119 @@ def _sample_phantom(rng: np.random.Generator, draw: GradeDraw) -> Phantom:
     return phantom
 
 
+# ---------------------------------------------------------------------------------------------------
+# Series
+# ---------------------------------------------------------------------------------------------------
+
+_SAGITTAL_IOP = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
+
+# How the phantoms are acquired: "realistic" imitates RSNA 2024 studies (see `_sagittal_realistic`,
+# `_axial_realistic`, `_series_plan`); "centred" is the earlier acquisition (coarse pixels, every field
+# centred on the lumbar spine, one series of each description) that the pipeline was first built on.
+ACQUISITIONS = ("realistic", "centred")
+# Sagittal matrix (columns) mix: most 320-384, a share 512-640; a fifth are taller than wide.
+_SAGITTAL_COLS = ((320, 0.65), (384, 0.23), (512, 0.07), (640, 0.05))
+_TALL_SHARE = 0.2
+# Sagittal slice counts 13-25, most 15-17 as in RSNA studies.
+_SLICE_COUNTS = np.arange(13, 26)
+_SLICE_WEIGHTS = np.array([2, 4, 20, 18, 16, 8, 8, 5, 5, 3, 3, 2, 6], float)
+_RENDER_MM = (1.25, 1.5)  # acquired pixel size: the scanner interpolates to the written matrix
+_AXIAL_RENDER_MM = (1.1, 1.35)
+JPEG_LOSSLESS_SHARE = 0.6  # studies whose files are JPEG Lossless SV1 (1.2.840.10008.1.2.4.70)
+REPEAT_SHARE = 0.15  # studies with a second series of one description
+MISSING_SHARE = 0.09  # studies lacking one series
+
+
+def _rotation(yaw: float, tilt: float) -> np.ndarray:
+    """Rotation about z (yaw, radians) after one about y (coronal tilt)."""
+    cz, sz, cy, sy = math.cos(yaw), math.sin(yaw), math.cos(tilt), math.sin(tilt)
+    rz = np.array([[cz, sz, 0.0], [-sz, cz, 0.0], [0.0, 0.0, 1.0]])
+    ry = np.array([[cy, 0.0, -sy], [0.0, 1.0, 0.0], [sy, 0.0, cy]])
+    return rz @ ry
+
+
+def _canal_yz(phantom: Phantom) -> np.ndarray:
+    """[level, (y, z)] of the five canal label points."""
+    return np.array([phantom.to_patient(phantom.canal_point(k))[1:] for k in range(N_LEVELS)])
+
+
+def _sagittal_realistic(rng, phantom: Phantom) -> SeriesGeometry:
+    """A sagittal stack planned on its own, as a radiographer plans each series.
+
+    Pixels 0.5-0.9 mm, matrices 320-640 (some taller than wide, e.g. 540 x 384), fields 220-340 mm
+    whose upper part holds the lower thoracic spine: the lumbar spine sits anywhere from the field's
+    centre to its lower half (RSNA 4003253: L5/S1 at row 484 of 512). 13-25 slices 3-4.8 mm apart, the
+    stack a few mm off the midline and, in half of the series, rotated by up to 4 degrees.
+    """
+    options, weights = zip(*_SAGITTAL_COLS, strict=True)
+    cols = int(rng.choice(options, p=np.asarray(weights) / sum(weights)))
+    rows = cols
+    if cols < 640 and rng.random() < _TALL_SHARE:
+        rows = min(640, int(round(cols * rng.uniform(1.25, 1.45) / 2) * 2))
+    ps = round(rng.uniform(max(0.5, 220.0 / rows), min(0.9, 340.0 / rows)), 4)
+    height, width = rows * ps, cols * ps
+    canal = _canal_yz(phantom)
+    mid = 0.5 * (canal.min(axis=0) + canal.max(axis=0))
+    # Field centre above the spine (+z = head): spine centre from 0 to 45% of the half height below it,
+    # every canal point at least 15 mm inside the field.
+    z_c = mid[1] + rng.uniform(0.0, 0.45) * height / 2
+    z_c = float(np.clip(z_c, canal[0, 1] - height / 2 + 15.0, canal[-1, 1] + height / 2 - 15.0))
+    y_c = mid[0] + rng.uniform(-30.0, 5.0)  # fields centre on the bodies, in front of the canal
+    y_c = float(np.clip(y_c, canal[:, 0].max() - width / 2 + 20.0, canal[:, 0].min() + width / 2 - 20.0))
+    n = int(rng.choice(_SLICE_COUNTS, p=_SLICE_WEIGHTS / _SLICE_WEIGHTS.sum()))
+    spacing = round(rng.uniform(3.0, 4.8), 2)
+    rotated = rng.random() < 0.5
+    yaw, tilt = (math.radians(rng.uniform(-4.0, 4.0)) for _ in range(2))
+    r = _rotation(yaw, tilt) if rotated else np.eye(3)
+    row_dir, col_dir, across = r @ [0.0, 1.0, 0.0], r @ [0.0, 0.0, -1.0], r @ [1.0, 0.0, 0.0]
+    row_dir, col_dir = np.round(row_dir, 6), np.round(col_dir, 6)
+    centre = np.array([phantom.x_mid + rng.uniform(-6.0, 6.0), y_c, z_c])
+    t = (np.arange(n) - (n - 1) / 2) * spacing
+    ipp = centre + t[:, None] * across - (cols - 1) / 2 * ps * row_dir - (rows - 1) / 2 * ps * col_dir
+    return SeriesGeometry(
+        ipp=np.round(ipp, 4),
+        iop=np.tile(np.concatenate([row_dir, col_dir]), (n, 1)),
+        pixel_spacing=(ps, ps),
+        rows=rows,
+        cols=cols,
+        thickness=round(spacing * rng.uniform(0.8, 1.0), 2),
+        spacing=spacing,
+    )
+
+
+def _axial_realistic(rng, phantom: Phantom) -> SeriesGeometry:
+    """3-5 slices through each RSNA disc, each stack tilted to its disc; 320 or 384 pixels of 0.5-0.72 mm."""
+    size = int(rng.choice([320, 384], p=[0.9, 0.1]))
+    ps = round(rng.uniform(max(0.5, 160.0 / size), min(0.9, 230.0 / size)), 4)
+    per_disc = int(rng.choice([3, 4, 5], p=[0.65, 0.25, 0.1]))
+    spacing = round(rng.uniform(3.0, 4.5), 2)
+    return _axial_stacks(rng, phantom, size, ps, per_disc, spacing, x_jitter=5.0)
+
+
+def _axial_stacks(rng, phantom, size, ps, per_disc, spacing, x_jitter) -> SeriesGeometry:
+    x0 = phantom.x_mid + rng.uniform(-x_jitter, x_jitter) - (size - 1) / 2 * ps  # one x grid for all
+    ipp, iop = [], []
+    t = (np.arange(per_disc) - (per_disc - 1) / 2) * spacing
+    for k in range(N_LEVELS):
+        s, d, _ = phantom.canal_point(k)
+        post = phantom.centreline.posterior(s)
+        feet = np.array([post[1], -post[0]])
+        centre_yz = np.array(phantom.centreline.to_patient(s, d + rng.uniform(-8, 8)))  # near the canal
+        for offset in t:
+            yz = centre_yz + offset * feet - (size - 1) / 2 * ps * post
+            ipp.append([x0, *yz])
+            iop.append([1.0, 0.0, 0.0, 0.0, post[0], post[1]])
+    return SeriesGeometry(
+        ipp=np.round(np.array(ipp), 4),
+        iop=np.round(np.array(iop), 6),
+        pixel_spacing=(ps, ps),
+        rows=size,
+        cols=size,
+        thickness=round(spacing * rng.uniform(0.85, 1.0), 2),
+        spacing=spacing,
+    )
+
+
 def _place(phantom: Phantom, rng: np.random.Generator) -> tuple[Phantom, np.ndarray]:
     """Put the phantom at a random table position; returns it and its spine centre (patient x, y, z).
 
@@ -908,16 +1101,9 @@ def _place(phantom: Phantom, rng: np.random.Generator) -> tuple[Phantom, np.ndar
     return dataclasses.replace(phantom, centreline=line, x_mid=float(table[0])), table
 
 
-# ---------------------------------------------------------------------------------------------------
-# Series
-# ---------------------------------------------------------------------------------------------------
-
-_SAGITTAL_IOP = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
-
-
-def _sagittal_geometry(rng, phantom: Phantom, spine_centre: np.ndarray) -> SeriesGeometry:
-    """A sagittal stack: FOV centre within +-15 mm of the spine centre, midline within +-2 mm of the
-    stack centre, 15-21 slices 3.0-4.5 mm apart, 1.0-1.4 mm pixels, FOV at least ~224 mm tall."""
+def _sagittal_centred(rng, phantom: Phantom, spine_centre: np.ndarray) -> SeriesGeometry:
+    """The "centred" acquisition: FOV centre within +-15 mm of the spine centre, midline within +-2 mm
+    of the stack centre, 15-21 slices 3.0-4.5 mm apart, 1.0-1.4 mm pixels, FOV at least ~224 mm tall."""
     n = int(rng.integers(15, 22))
     spacing = round(rng.uniform(3.0, 4.5), 2)
     ps = round(rng.uniform(1.0, 1.4), 4)
@@ -945,31 +1131,12 @@ def _sagittal_geometry(rng, phantom: Phantom, spine_centre: np.ndarray) -> Serie
     )
 
 
-def _axial_geometry(rng, phantom: Phantom) -> SeriesGeometry:
-    """Three slices through each RSNA disc (centre and +-spacing), each stack tilted to its disc."""
+def _axial_centred(rng, phantom: Phantom) -> SeriesGeometry:
+    """The "centred" acquisition: three slices through each RSNA disc, 128-160 pixels of 0.9-1.4 mm."""
     spacing = round(rng.uniform(3.5, 4.5), 2)
     ps = round(rng.uniform(0.9, 1.4), 4)
     size = int(np.clip(round(rng.uniform(150.0, 190.0) / ps / 2) * 2, 128, 160))
-    x0 = phantom.x_mid + rng.uniform(-5, 5) - (size - 1) / 2 * ps  # one x grid for every slice
-    ipp, iop = [], []
-    for k in range(N_LEVELS):
-        s, d, _ = phantom.canal_point(k)
-        post = phantom.centreline.posterior(s)
-        feet = np.array([post[1], -post[0]])
-        centre_yz = np.array(phantom.centreline.to_patient(s, d + rng.uniform(-8, 8)))  # near the canal
-        for t in (-spacing, 0.0, spacing):
-            yz = centre_yz + t * feet - (size - 1) / 2 * ps * post
-            ipp.append([x0, *yz])
-            iop.append([1.0, 0.0, 0.0, 0.0, post[0], post[1]])
-    return SeriesGeometry(
-        ipp=np.round(np.array(ipp), 4),
-        iop=np.round(np.array(iop), 6),
-        pixel_spacing=(ps, ps),
-        rows=size,
-        cols=size,
-        thickness=round(spacing * rng.uniform(0.85, 1.0), 2),
-        spacing=spacing,
-    )
+    return _axial_stacks(rng, phantom, size, ps, 3, spacing, x_jitter=5.0)
 
 
 @dataclasses.dataclass
@@ -980,33 +1147,51 @@ class SyntheticSeries:
     description: str
     contrast: str  # "T1", "T2" or "STIR"
     geometry: SeriesGeometry
-    pixels: np.ndarray  # [n, rows, cols] stored values (uint16, or int16 when signed)
+    pixels: np.ndarray  # [n, rows, cols] stored 12-bit values (uint16, or int16 when signed)
     instance_numbers: np.ndarray  # [n], slice k is written as instance_numbers[k]
     slope: float
     intercept: float
     window: tuple[float, float]  # WindowCenter, WindowWidth in rescaled units
     series_number: int
+    labelled: bool = True  # the coordinates file names this series (one per description)
+    transfer_syntax: str = ExplicitVRLittleEndian
 
 
-def _render_series(rng, phantom: Phantom, geometry: SeriesGeometry, contrast: str, axial: bool):
+def _render_series(
+    rng,
+    phantom: Phantom,
+    geometry: SeriesGeometry,
+    contrast: str,
+    axial: bool,
+    render_mm: float | None = None,
+    signed_ok: bool = True,
+):
     """Sample the phantom on the series' pixel centres, then add the scanner's nuisance.
 
+    With `render_mm` the phantom is sampled, and noise added, on the acquired grid of that pixel size
+    over the same field, then interpolated to the written matrix, as scanners interpolate (zero-fill)
+    their acquired matrix to 512 or more: the noise comes out spatially correlated, as in real scans.
     Axial slices average three planes across the slice thickness (partial volume), so a slice that
     grazes an endplate shows it blurred rather than as a black cortex sheet; they also draw the thin
     cauda equina roots that a thick sagittal slice would average away.
     """
+    acquired = geometry
+    if render_mm is not None:
+        fov = (geometry.rows * geometry.pixel_spacing[0], geometry.cols * geometry.pixel_spacing[1])
+        shape = [min(n, int(round(size / render_mm))) for n, size in zip((geometry.rows, geometry.cols), fov)]
+        acquired = geometry.resampled(*shape)
     column = _CONTRASTS.index(contrast)
     tissue = {name: values[column] * rng.uniform(0.9, 1.1) for name, values in _TISSUES.items()}
-    edge = max(geometry.pixel_spacing)
-    normal = np.cross(geometry.iop[:, :3], geometry.iop[:, 3:])
-    offsets = (-geometry.thickness / 3, 0.0, geometry.thickness / 3) if axial else (0.0,)
+    edge = max(acquired.pixel_spacing)
+    normal = np.cross(acquired.iop[:, :3], acquired.iop[:, 3:])
+    offsets = (-acquired.thickness / 3, 0.0, acquired.thickness / 3) if axial else (0.0,)
     signal = sum(
         phantom.render(
-            *dataclasses.replace(geometry, ipp=geometry.ipp + o * normal).coords(), tissue, edge, fine=axial
+            *dataclasses.replace(acquired, ipp=acquired.ipp + o * normal).coords(), tissue, edge, fine=axial
         )
         for o in offsets
     ) * (1.0 / len(offsets))
-    x, y, z = geometry.coords()
+    x, y, z = acquired.coords()
 
     # Smooth multiplicative fields in patient mm (coherent across slices): the receive coil's bias
     # (brighter posteriorly) and a few long waves of tissue texture. cos(a + b) is expanded so each
@@ -1029,13 +1214,25 @@ def _render_series(rng, phantom: Phantom, geometry: SeriesGeometry, contrast: st
     sigma = np.float32(rng.uniform(0.015, 0.045) * gain)
     noise = rng.standard_normal((2, *clean.shape), dtype=np.float32) * sigma
     value = np.sqrt((clean + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
+    value = np.broadcast_to(value, (acquired.n, acquired.rows, acquired.cols))
+    if acquired is not geometry:
+        size = (geometry.cols, geometry.rows)
+        value = np.stack([cv2.resize(v, size, interpolation=cv2.INTER_CUBIC) for v in value])
+        np.maximum(value, 0.0, out=value)
 
-    signed = bool(rng.random() < 0.3)
-    slope = round(float(rng.uniform(0.4, 2.5)), 4)
-    intercept = round(float(rng.uniform(0.0, 800.0) if signed else -rng.uniform(0.0, 300.0)), 2)
-    dtype = np.int16 if signed else np.uint16
-    info = np.iinfo(dtype)
-    stored = np.clip(np.rint((value - intercept) / slope), info.min, info.max).astype(dtype)
+    # 12-bit stored values (BitsStored 12), scaled to use most of the range.
+    signed = signed_ok and bool(rng.random() < 0.3)
+    top = float(np.percentile(value[:, ::4, ::4], 99.9))
+    if signed:
+        intercept = round(float(rng.uniform(0.0, 0.3 * top)), 2)
+        slope = max((top - intercept) / rng.uniform(1500.0, 2000.0), intercept / 2000.0)
+        dtype, lo_hi = np.int16, (-2048, 2047)
+    else:
+        intercept = -round(float(rng.uniform(0.0, 300.0)), 2)
+        slope = (top - intercept) / rng.uniform(2500.0, 4000.0)
+        dtype, lo_hi = np.uint16, (0, 4095)
+    slope = max(round(float(slope), 4), 1e-4)
+    stored = np.clip(np.rint((value - intercept) / slope), *lo_hi).astype(dtype)
     lo, hi = np.percentile(stored[:, ::4, ::4], [1.0, 99.5]) * slope + intercept
     n = geometry.n
     instances = int(rng.integers(1, 60)) + rng.permutation(n)
@@ -1047,36 +1244,49 @@ class SyntheticStudy:
     """One rendered study with its ground truth: grades, the phantom (label points in patient mm)."""
 
     study_id: int
-    grades: np.ndarray  # [condition, level] 0-3, the anatomy drawn
+    grades: np.ndarray  # [condition, level] 0-3, the label drawn
     known: np.ndarray  # [condition, level] bool; unknown cells are written empty
     phantom: Phantom
-    series: list[SyntheticSeries]  # Sagittal T1, Sagittal T2/STIR, Axial T2
+    series: list[SyntheticSeries]  # in writing order; repeats share a description
     coordinates: list[tuple]  # train_label_coordinates.csv rows (without the header)
     uid_token: int  # seeds the study's DICOM UIDs
     study_datetime: datetime.datetime
+    latent: np.ndarray  # [condition, level] latent severity the anatomy shows (`GradeDraw.latent`)
 
     def series_by_description(self, description: str) -> SyntheticSeries:
-        return next(se for se in self.series if se.description == description)
+        """The series of that description that the labels name (KeyError when the study lacks it)."""
+        for se in self.series:
+            if se.description == description and se.labelled:
+                return se
+        raise KeyError(description)
 
 
-def _nearest_slice(geometry: SeriesGeometry, x: float) -> int:
-    return int(np.argmin(np.abs(geometry.ipp[:, 0] - x)))
+_READ_ON = {"spinal": SAGITTAL_T2, "foraminal": SAGITTAL_T1, "subarticular": AXIAL_T2}
+
+
+def read_on(condition: str) -> str:
+    """The series description each condition is labelled on (as in the RSNA coordinates file)."""
+    return next(description for key, description in _READ_ON.items() if key in condition)
+
+
+def nearest_slice(geometry: SeriesGeometry, point) -> int:
+    """The slice whose plane passes nearest a patient point (the instance a reader labels it on)."""
+    normal = np.cross(geometry.iop[:, :3], geometry.iop[:, 3:])
+    return int(np.argmin(np.abs(np.einsum("ij,ij->i", np.asarray(point) - geometry.ipp, normal))))
 
 
 def _label_rows(study_id, draw: GradeDraw, phantom: Phantom, series: list[SyntheticSeries]) -> list[tuple]:
-    sag_t1, sag_t2, axial = series
+    """Coordinates rows: each cell's point on the labelled series it is read on, at its nearest slice;
+    none for a series the study lacks."""
+    labelled = {se.description: se for se in series if se.labelled}
     rows = []
     for c, condition in enumerate(CONDITIONS):
+        se = labelled.get(read_on(condition))
         for k, level in enumerate(LEVELS):
-            if not draw.known[c, k]:
+            if not draw.known[c, k] or se is None:
                 continue
             point = phantom.landmark(condition, level)
-            if condition == "spinal_canal_stenosis":
-                se, idx = sag_t2, _nearest_slice(sag_t2.geometry, phantom.x_mid)
-            elif "foraminal" in condition:
-                se, idx = sag_t1, _nearest_slice(sag_t1.geometry, point[0])
-            else:
-                se, idx = axial, 3 * k + 1  # the middle slice of the stack through that disc
+            idx = nearest_slice(se.geometry, point)
             col, row, _ = se.geometry.patient_to_pixel(idx, point)
             rows.append(
                 (
@@ -1092,30 +1302,76 @@ def _label_rows(study_id, draw: GradeDraw, phantom: Phantom, series: list[Synthe
     return rows
 
 
+def _t2_contrast(rng) -> str:
+    return "STIR" if rng.random() < 0.25 else "T2"
+
+
+def _realistic_plans(rng, phantom: Phantom) -> list[tuple]:
+    """(description, contrast, geometry, render mm, labelled) per series: each series planned on its
+    own; some studies lack one description, some hold two series of one (the labels name one)."""
+    descriptions = list(SERIES_DESCRIPTIONS)
+    if rng.random() < MISSING_SHARE:
+        descriptions.remove(descriptions[int(rng.choice(3, p=[0.45, 0.35, 0.2]))])
+    repeat = None
+    if rng.random() < REPEAT_SHARE:
+        repeat = descriptions[int(rng.integers(len(descriptions)))]
+    plans = []
+    for description in descriptions:
+        copies = 2 if description == repeat else 1
+        labelled_copy = int(rng.integers(copies))
+        for copy in range(copies):
+            if description == AXIAL_T2:
+                contrast, geometry, mm = "T2", _axial_realistic(rng, phantom), _AXIAL_RENDER_MM
+            else:
+                contrast = "T1" if description == SAGITTAL_T1 else _t2_contrast(rng)
+                geometry, mm = _sagittal_realistic(rng, phantom), _RENDER_MM
+            plans.append((description, contrast, geometry, rng.uniform(*mm), copy == labelled_copy))
+    return plans
+
+
 def synthesize_study(
-    rng: np.random.Generator, study_id: int, series_ids: tuple[int, int, int] | None = None
+    rng: np.random.Generator,
+    study_id: int,
+    series_ids=None,
+    *,
+    grades: np.ndarray | None = None,
+    acquisition: str = "realistic",
 ) -> SyntheticStudy:
     """Draw and render one phantom study (pixels in memory; `write_study` writes it).
 
     The grades are the first draws from `rng`, so `sample_grades(rng)` on an identically seeded
-    generator reproduces them without rendering.
+    generator reproduces them without rendering. `grades` forces the labels (every cell known), with
+    the anatomy at the middle of each grade.
     """
+    if acquisition not in ACQUISITIONS:
+        raise ValueError(f"acquisition must be one of {ACQUISITIONS}, not {acquisition!r}")
     draw = sample_grades(rng)
+    if grades is not None:
+        grades = np.asarray(grades, np.int64)
+        draw = draw._replace(
+            grades=grades.copy(), known=np.ones(grades.shape, bool), latent=_latent_of_grades(grades)
+        )
     phantom, spine_centre = _place(_sample_phantom(rng, draw), rng)
+    if acquisition == "centred":
+        plans = [
+            (SAGITTAL_T1, "T1", _sagittal_centred(rng, phantom, spine_centre), None, True),
+            (SAGITTAL_T2, _t2_contrast(rng), _sagittal_centred(rng, phantom, spine_centre), None, True),
+            (AXIAL_T2, "T2", _axial_centred(rng, phantom), None, True),
+        ]
+        compressed = False
+    else:
+        plans = _realistic_plans(rng, phantom)
+        compressed = bool(rng.random() < JPEG_LOSSLESS_SHARE)
     if series_ids is None:
-        series_ids = (study_id + 1, study_id + 2, study_id + 3)
-    t2_contrast = "STIR" if rng.random() < 0.25 else "T2"
-    plans = (
-        (SAGITTAL_T1, "T1", _sagittal_geometry(rng, phantom, spine_centre), False),
-        (SAGITTAL_T2, t2_contrast, _sagittal_geometry(rng, phantom, spine_centre), False),
-        (AXIAL_T2, "T2", _axial_geometry(rng, phantom), True),
-    )
-    series_numbers = rng.choice(np.arange(1, 20), 3, replace=False)
+        series_ids = [study_id + 1 + i for i in range(len(plans))]
+    series_numbers = rng.choice(np.arange(1, 20), len(plans), replace=False)
     series = []
-    for (description, contrast, geometry, fine), series_id, number in zip(
-        plans, series_ids, series_numbers, strict=True
+    for (description, contrast, geometry, render_mm, labelled), series_id, number in zip(
+        plans, series_ids, series_numbers, strict=False
     ):
-        pixels, instances, slope, intercept, window = _render_series(rng, phantom, geometry, contrast, fine)
+        pixels, instances, slope, intercept, window = _render_series(
+            rng, phantom, geometry, contrast, description == AXIAL_T2, render_mm, signed_ok=not compressed
+        )
         series.append(
             SyntheticSeries(
                 int(series_id),
@@ -1128,6 +1384,8 @@ def synthesize_study(
                 intercept,
                 window,
                 int(number),
+                labelled,
+                JPEGLosslessSV1 if compressed else ExplicitVRLittleEndian,
             )
         )
     when = datetime.datetime(2015, 1, 1) + datetime.timedelta(
@@ -1142,6 +1400,7 @@ def synthesize_study(
         coordinates=_label_rows(int(study_id), draw, phantom, series),
         uid_token=int(rng.integers(0, 2**62)),
         study_datetime=when,
+        latent=draw.latent,
     )
 
 
@@ -1210,7 +1469,7 @@ def _series_template(study: SyntheticStudy, se: SyntheticSeries, rng: np.random.
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = se.geometry.rows, se.geometry.cols
     ds.PixelSpacing = [_ds(v) for v in se.geometry.pixel_spacing]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.PixelRepresentation = 1 if se.pixels.dtype == np.int16 else 0
     ds.WindowCenter, ds.WindowWidth = _ds(se.window[0]), _ds(se.window[1])
     ds.RescaleIntercept, ds.RescaleSlope = _ds(se.intercept), _ds(se.slope)
@@ -1239,6 +1498,29 @@ def _encode(ds: Dataset) -> bytes:
     return fp.getvalue()
 
 
+def _jpeg_lossless(frame: np.ndarray) -> bytes:
+    """One 12-bit frame as a JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14,
+    selection value 1) stream: libjpeg-turbo through imagecodecs writes it, pylibjpeg-libjpeg reads it."""
+    import imagecodecs
+
+    return bytes(imagecodecs.jpeg8_encode(frame, lossless=True, predictor=1, bitspersample=12))
+
+
+def _encapsulated(frame: bytes) -> bytes:
+    """Encapsulated Pixel Data: undefined length, an empty offset table, one fragment, the delimiter."""
+    if len(frame) % 2:
+        frame += b"\0"
+    return b"".join(
+        [
+            struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF),
+            struct.pack("<HHI", 0xFFFE, 0xE000, 0),
+            struct.pack("<HHI", 0xFFFE, 0xE000, len(frame)),
+            frame,
+            struct.pack("<HHI", 0xFFFE, 0xE0DD, 0),
+        ]
+    )
+
+
 class _SeriesWriter:
     """Writes one series' instances fast: pydicom encodes the shared elements once, in the gaps between
     the per-instance tags (DICOM wants ascending tags), and each file splices in its own UID, number,
@@ -1258,18 +1540,22 @@ class _SeriesWriter:
 
     def instance_bytes(self, k: int) -> bytes:
         se, seg = self.series, self.segments
+        if se.transfer_syntax == JPEGLosslessSV1:
+            pixel_element = _encapsulated(_jpeg_lossless(se.pixels[k]))
+        else:
+            pixels = se.pixels[k].astype(se.pixels.dtype.newbyteorder("<"), copy=False).tobytes()
+            pixel_element = _element(0x7FE00010, "OW", pixels)
         uid = _uid(self.study, "instance", se.series_id, int(se.instance_numbers[k])).encode()
         meta = b"".join(
             [
                 _element(0x00020001, "OB", b"\0\1"),
                 _element(0x00020002, "UI", MRImageStorage.encode()),
                 _element(0x00020003, "UI", uid),
-                _element(0x00020010, "UI", ExplicitVRLittleEndian.encode()),
+                _element(0x00020010, "UI", se.transfer_syntax.encode()),
                 _element(0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID.encode()),
                 _element(0x00020013, "SH", _IMPLEMENTATION_VERSION.encode()),
             ]
         )
-        pixels = se.pixels[k].astype(se.pixels.dtype.newbyteorder("<"), copy=False).tobytes()
         return b"".join(
             [
                 b"\0" * 128 + b"DICM",
@@ -1284,7 +1570,7 @@ class _SeriesWriter:
                 seg[3],
                 _element(0x00200037, "DS", "\\".join(_ds(v) for v in se.geometry.iop[k]).encode()),
                 seg[4],
-                _element(0x7FE00010, "OW", pixels),
+                pixel_element,
                 seg[5],
             ]
         )
@@ -1309,6 +1595,9 @@ def write_study(study: SyntheticStudy, images_dir, rng: np.random.Generator) -> 
 # ---------------------------------------------------------------------------------------------------
 
 _SPLITS = {"train": 0, "test": 1}
+_IDS_PER_STUDY = 5  # the study and up to four series
+LATENT_FILE = "train_latent.csv"
+_NOISE_COLUMNS = ("reader_noise_sd", "cut_mild", "cut_moderate", "cut_severe")
 
 
 def _plan(n_studies: int, seed: int, split: str):
@@ -1321,22 +1610,43 @@ def _plan(n_studies: int, seed: int, split: str):
     root = np.random.SeedSequence([int(seed), _SPLITS[split]])
     master = np.random.default_rng(root)
     ids: dict[int, None] = {}
-    while len(ids) < 4 * n_studies:  # 8-10 digit ids, unique over studies and series
+    per = _IDS_PER_STUDY
+    while len(ids) < per * n_studies:  # 8-10 digit ids, unique over studies and series
         ids.setdefault(int(master.integers(10_000_000, 4_300_000_000)), None)
     ids_list = list(ids)
     return [
-        (ids_list[4 * i], tuple(ids_list[4 * i + 1 : 4 * i + 4]), child)
+        (ids_list[per * i], tuple(ids_list[per * i + 1 : per * (i + 1)]), child)
         for i, child in enumerate(root.spawn(n_studies))
     ]
 
 
 def iter_studies(
-    n_studies: int, seed: int = 0, split: str = "train"
+    n_studies: int, seed: int = 0, split: str = "train", acquisition: str = "realistic"
 ) -> Iterator[tuple[SyntheticStudy, np.random.Generator]]:
     """The studies `synthesize_dataset` writes, in order, each with the generator that writes its files."""
     for study_id, series_ids, child in _plan(n_studies, seed, split):
         rng = np.random.default_rng(child)
-        yield synthesize_study(rng, study_id, series_ids), rng
+        yield synthesize_study(rng, study_id, series_ids, acquisition=acquisition), rng
+
+
+def _make_study(job) -> dict:
+    """Render and write one study (a pool task); returns its CSV rows."""
+    study_id, series_ids, child, images, acquisition = job
+    rng = np.random.default_rng(child)
+    study = synthesize_study(rng, study_id, series_ids, acquisition=acquisition)
+    write_study(study, images, rng)
+    codes = np.where(study.known, study.grades, UNKNOWN).ravel()  # condition-major = LABEL_COLUMNS order
+    return {
+        "labels": (study.study_id, *(grade_to_rsna(int(c)) for c in codes)),
+        "grades": (study.study_id, *("" if c == UNKNOWN else int(c) for c in codes)),
+        "latent": (study.study_id, *_noise_row(), *(round(float(v), 5) for v in study.latent.ravel())),
+        "coordinates": study.coordinates,
+        "descriptions": [(study.study_id, se.series_id, se.description) for se in study.series],
+    }
+
+
+def _noise_row() -> tuple[float, ...]:
+    return (READER_NOISE_SD, *GRADE_CUTS)
 
 
 def _write_csv(path: Path, header, rows) -> None:
@@ -1347,30 +1657,49 @@ def _write_csv(path: Path, header, rows) -> None:
 
 
 def synthesize_dataset(
-    out_dir, n_studies: int, seed: int = 0, *, progress: bool = False, split: str = "train"
+    out_dir,
+    n_studies: int,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+    split: str = "train",
+    acquisition: str = "realistic",
+    workers: int | None = None,
 ) -> Path:
-    """Write `n_studies` phantom studies in the RSNA 2024 layout under `out_dir`; returns `out_dir`.
+    """Write `n_studies` phantom studies in the RSNA layout under `out_dir`; returns `out_dir`.
 
     train: ``train_images/``, ``train.csv``, ``train_grades.csv``, ``train_label_coordinates.csv``,
-    ``train_series_descriptions.csv``. test: ``test_images/`` and ``test_series_descriptions.csv``.
-    The same (n_studies, seed, split) gives byte-identical files.
+    ``train_series_descriptions.csv`` and ``train_latent.csv`` (each cell's latent severity and the
+    reader-noise model, for `lumbar_tf.training.metrics.bayes_optimal_threshold_probs`). test:
+    ``test_images/`` and ``test_series_descriptions.csv``. The same (n_studies, seed, split,
+    acquisition) gives byte-identical files, whatever the number of `workers` (default: one per core).
     """
+    if acquisition not in ACQUISITIONS:
+        raise ValueError(f"acquisition must be one of {ACQUISITIONS}, not {acquisition!r}")
     out = Path(out_dir)
     images = out / f"{split}_images"
     images.mkdir(parents=True, exist_ok=True)
-    studies = iter_studies(n_studies, seed, split)
+    jobs = [(sid, series, child, images, acquisition) for sid, series, child in _plan(n_studies, seed, split)]
+    workers = min(workers or os.cpu_count() or 1, max(len(jobs), 1))
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("forkserver").Pool(workers)
+        results = pool.imap(_make_study, jobs)
+    else:
+        results = map(_make_study, jobs)
     if progress:
         from tqdm import tqdm
 
-        studies = tqdm(studies, total=n_studies, desc="synth", unit="study")
-    labels, grades, coordinates, descriptions = [], [], [], []
-    for study, rng in studies:
-        write_study(study, images, rng)
-        codes = np.where(study.known, study.grades, UNKNOWN).ravel()  # condition-major = LABEL_COLUMNS order
-        labels.append((study.study_id, *(grade_to_rsna(int(c)) for c in codes)))
-        grades.append((study.study_id, *("" if c == UNKNOWN else int(c) for c in codes)))
-        coordinates.extend(study.coordinates)
-        descriptions.extend((study.study_id, se.series_id, se.description) for se in study.series)
+        results = tqdm(results, total=n_studies, desc="synth", unit="study")
+    try:
+        done = list(results)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    rows = {key: [r[key] for r in done] for key in ("labels", "grades", "latent")}
+    coordinates = [row for r in done for row in r["coordinates"]]
+    descriptions = [row for r in done for row in r["descriptions"]]
     header = ("study_id", *LABEL_COLUMNS)
     _write_csv(
         out / f"{split}_series_descriptions.csv",
@@ -1378,12 +1707,29 @@ def synthesize_dataset(
         sorted(descriptions),
     )
     if split == "train":
-        _write_csv(out / "train.csv", header, sorted(labels))
-        _write_csv(out / "train_grades.csv", header, sorted(grades))
+        _write_csv(out / "train.csv", header, sorted(rows["labels"]))
+        _write_csv(out / "train_grades.csv", header, sorted(rows["grades"]))
         coordinates.sort(key=lambda row: row[0])  # stable: (condition, level) order within a study
         _write_csv(
             out / "train_label_coordinates.csv",
             ("study_id", "series_id", "instance_number", "condition", "level", "x", "y"),
             coordinates,
         )
+        _write_csv(out / LATENT_FILE, ("study_id", *_NOISE_COLUMNS, *LABEL_COLUMNS), sorted(rows["latent"]))
     return out
+
+
+def read_latent(path) -> tuple[dict[str, np.ndarray], dict]:
+    """`train_latent.csv` -> ({study_id: latent [5, 5]}, {"sd": reader noise sd, "cuts": (3 cuts)})."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    latent = {
+        r["study_id"]: np.array([float(r[c]) for c in LABEL_COLUMNS]).reshape(N_CONDITIONS, N_LEVELS)
+        for r in rows
+    }
+    first = rows[0] if rows else dict(zip(_NOISE_COLUMNS, map(str, _noise_row()), strict=True))
+    noise = {
+        "sd": float(first["reader_noise_sd"]),
+        "cuts": tuple(float(first[c]) for c in _NOISE_COLUMNS[1:]),
+    }
+    return latent, noise

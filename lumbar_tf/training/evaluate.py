@@ -17,7 +17,11 @@ from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.core.io import write_json_atomic
 from lumbar_tf.data.dataset import DatasetError, load_manifest, load_studies, prepare_cache
 from lumbar_tf.runtime.keras_model import load_model, run_prior
-from lumbar_tf.training.metrics import compute_metrics, prior_threshold_probs_from_grades
+from lumbar_tf.training.metrics import (
+    bayes_optimal_threshold_probs,
+    compute_metrics,
+    prior_threshold_probs_from_grades,
+)
 
 
 def _run_split(loaded) -> dict | None:
@@ -71,12 +75,37 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     err = np.linalg.norm(outputs["level_xy"] - studies["level_xy"], axis=-1) * cfg.spine_crop_mm
     err = err[studies["level_present"] > 0.5]
     metrics["localizer_error_mm"] = {"median": float(np.median(err)), "p90": float(np.percentile(err, 90))}
+    limit = bayes_limit(data_dir, studies["study_id"], studies["grades"])
+    if limit is not None:
+        metrics["bayes_limit"] = limit
     metrics["evaluated_on"] = which
     metrics["prior_from"] = prior_source
     metrics["intended_use"] = INTENDED_USE
     write_json_atomic(out / "metrics.json", metrics)
     _plots(outputs["threshold_probs"], studies["grades"], out, loaded.run_dir)
     return metrics
+
+
+def bayes_limit(data_dir, study_ids, grades) -> dict | None:
+    """RSNA log loss and macro AUC of the Bayes-optimal predictor on these studies, where the data
+    folder is a phantom that recorded each cell's latent severity (``train_latent.csv``); else None."""
+    from lumbar_tf.synthetic.phantom import LATENT_FILE, read_latent
+
+    path = Path(data_dir) / LATENT_FILE
+    if not path.exists():
+        return None
+    latent, noise = read_latent(path)
+    keep = [i for i, sid in enumerate(study_ids) if str(sid) in latent]
+    if not keep:
+        return None
+    probs = bayes_optimal_threshold_probs(np.stack([latent[str(study_ids[i])] for i in keep]), noise)
+    scores = compute_metrics(probs, np.asarray(grades)[keep])
+    return {
+        "rsna_log_loss": scores["rsna_log_loss"]["total"],
+        "macro_roc_auc": scores["macro_roc_auc"],
+        "n_studies": len(keep),
+        "reader_noise_sd": noise["sd"],
+    }
 
 
 # === Plots ===
@@ -166,6 +195,11 @@ def format_metrics_table(metrics: dict) -> str:
         ("RSNA weighted log loss", _fmt(metrics["rsna_log_loss"]["total"])),
         ("  constant-prior baseline", _fmt(metrics["prior_rsna_log_loss"]["total"])),
     ]
+    if metrics.get("bayes_limit"):
+        b = metrics["bayes_limit"]
+        rows.append(
+            ("  Bayes limit (loss / AUC)", f"{_fmt(b['rsna_log_loss'])} / {_fmt(b['macro_roc_auc'])}")
+        )
     if "localizer_error_mm" in metrics:
         e = metrics["localizer_error_mm"]
         rows.append(("localiser error mm (median/p90)", f"{e['median']:.1f} / {e['p90']:.1f}"))

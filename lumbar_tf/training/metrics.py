@@ -279,6 +279,26 @@ def prior_threshold_probs_from_grades(grades) -> np.ndarray:
     return prior.astype(np.float32)
 
 
+# === Bayes limit of the phantom ===
+
+
+def bayes_optimal_threshold_probs(latent, noise) -> np.ndarray:
+    """P(grade >= 1, 2, 3) ``[..., 3]`` given each cell's latent severity, under the phantom's grade
+    noise: the label is ``latent + N(0, sd)`` cut at ``cuts`` (`lumbar_tf.synthetic.phantom`).
+
+    The best any predictor can do when the anatomy shows the latent severity exactly; its metrics
+    are the phantom's limit, beside the model's. ``noise``: ``{"sd": float, "cuts": (c1, c2, c3)}``.
+    """
+    from scipy.special import ndtr
+
+    z = np.asarray(latent, np.float64)[..., None]
+    cuts = np.asarray(noise["cuts"], np.float64)
+    sd = float(noise["sd"])
+    if cuts.shape != (3,) or not np.all(np.diff(cuts) > 0) or sd <= 0:
+        raise MetricsError(f"noise: need sd > 0 and three increasing cuts, got {noise}")
+    return ndtr((z - cuts) / sd)  # decreasing in the cut: monotone by construction
+
+
 # === All metrics ===
 
 
