@@ -1347,13 +1347,20 @@ def _write_csv(path: Path, header, rows) -> None:
 
 
 def synthesize_dataset(
-    out_dir, n_studies: int, seed: int = 0, *, progress: bool = False, split: str = "train"
+    out_dir,
+    n_studies: int,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+    split: str = "train",
+    fine_grades: bool = True,
 ) -> Path:
     """Write `n_studies` phantom studies in the RSNA 2024 layout under `out_dir`; returns `out_dir`.
 
     train: ``train_images/``, ``train.csv``, ``train_grades.csv``, ``train_label_coordinates.csv``,
     ``train_series_descriptions.csv``. test: ``test_images/`` and ``test_series_descriptions.csv``.
-    The same (n_studies, seed, split) gives byte-identical files.
+    The same (n_studies, seed, split) gives byte-identical files. ``fine_grades=False``: no
+    ``train_grades.csv``, the competition's labels alone (Normal/Mild leaves grade >= 1 unknown).
     """
     out = Path(out_dir)
     images = out / f"{split}_images"
@@ -1379,7 +1386,8 @@ def synthesize_dataset(
     )
     if split == "train":
         _write_csv(out / "train.csv", header, sorted(labels))
-        _write_csv(out / "train_grades.csv", header, sorted(grades))
+        if fine_grades:
+            _write_csv(out / "train_grades.csv", header, sorted(grades))
         coordinates.sort(key=lambda row: row[0])  # stable: (condition, level) order within a study
         _write_csv(
             out / "train_label_coordinates.csv",
