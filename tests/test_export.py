@@ -314,6 +314,7 @@ def _children(model_dir: Path) -> list[str]:
 def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, tmp_path, monkeypatch):
     from lumbar_tf.export import job as export
     from lumbar_tf.export.job import ExportError, export_model
+    from lumbar_tf.export.publish import next_version
 
     out = tmp_path / "export"
     kwargs = {"tflite": (), "cache_dir": phantom_cache, "representative_size": 2, "progress": False}
@@ -337,7 +338,7 @@ def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, t
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(tiny_run, out, **kwargs)
     assert _children(model_dir) == ["1", "2", "7"]
-    assert export.next_version(model_dir) == 8
+    assert next_version(model_dir) == 8
 
 
 def test_missing_or_corrupt_model_is_one_clear_error(tmp_path):

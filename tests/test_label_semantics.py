@@ -56,7 +56,8 @@ def test_rsna_only_training_predicts_presence_of_moderate(rsna_run, tmp_path):
     import tensorflow as tf
 
     from lumbar_tf.export.job import export_model
-    from lumbar_tf.report.heatmaps import severity_grid
+    from lumbar_tf.report.explain import explain_study
+    from lumbar_tf.report.heatmaps import severity_grid, write_heatmaps_for
     from lumbar_tf.runtime.artifacts import load_predictor
     from lumbar_tf.runtime.predictor import predict_study
 
@@ -86,6 +87,13 @@ def test_rsna_only_training_predicts_presence_of_moderate(rsna_run, tmp_path):
         # Heatmap severity never uses P(mild): 2 P(moderate) + 3 P(severe).
         rsna = np.array([list(c["rsna"].values()) for c in preds["cells"]]).reshape(5, 5, 3)
         np.testing.assert_allclose(severity_grid(preds), rsna @ [0, 2, 3], atol=1e-9)
+        grid, levels = write_heatmaps_for(result, tmp_path / Path(model).name)
+        assert grid.is_file() and levels.is_file()
+
+    # The HTML report names the RSNA grades, never "mild".
+    page = Path(explain_study(run, study, tmp_path / "explain")["paths"]["report"]).read_text()
+    assert "<th>P(normal_mild)</th><th>P(moderate)</th><th>P(severe)</th>" in page
+    assert "<th>P(mild)</th>" not in page
 
     # The SavedModel's in-graph presence is P(>=2) too.
     fn = tf.saved_model.load(str(out / "saved_model" / "lumbar_spine" / "1")).signatures["serving_default"]

@@ -36,7 +36,6 @@ from lumbar_tf.export import verify
 from lumbar_tf.export.metadata import build_metadata, read_json, tflite_metadata
 from lumbar_tf.export.publish import (
     dir_size,
-    next_version,
     publish_tflite,
     publish_version,
     staging_folder,
@@ -341,7 +340,6 @@ __all__ = [
     "VARIANTS",
     "export_model",
     "format_report",
-    "next_version",
     "parse_variants",
     "run_export",
     "write_saved_model",

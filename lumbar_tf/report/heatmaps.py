@@ -337,7 +337,7 @@ def levels_figure(predictions: dict, midline_image: np.ndarray):
         ci = int(overlay.worst_condition[li])
         label = (
             f"{L.LEVEL_TITLES[level]}  {CONDITION_SHORT[L.CONDITIONS[ci]]}: "
-            f"{L.GRADES[grades[ci, li]]} {grade_p[ci, li]:.0%}"
+            f"{grade_scale(predictions)[grades[ci, li]]} {grade_p[ci, li]:.0%}"
         )
         moved = abs(label_y[li] - points[li, 1]) * points_per_px > 2.0
         ax.annotate(
