@@ -26,6 +26,7 @@ import numpy as np
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.preprocess import prepared_slices
+from lumbar_tf.runtime.predictions import grade_scale  # what a cell's grade indexes
 
 GRID_FILE = "grid.png"
 LEVELS_FILE = "levels.png"
@@ -53,12 +54,6 @@ OVERLAY_SIZE = 768
 
 
 # === Numbers ===
-
-
-def grade_scale(predictions: dict) -> list[str]:
-    """Grade names the cells' ``grade`` / ``grade_probs`` index (none..severe, or the RSNA three for a
-    model trained on RSNA labels alone; see `runtime.predictions.build_predictions`)."""
-    return list((predictions.get("label_semantics") or {}).get("grade_scale") or L.FINE_GRADE_SCALE)
 
 
 def grade_values(predictions: dict) -> np.ndarray:
