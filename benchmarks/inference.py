@@ -65,7 +65,7 @@ def build_untrained_export(work: Path) -> tuple[Path, Path]:
     model_file.parent.mkdir(parents=True)
     model.save(model_file)
     export = work / "export"
-    export_model(model_file, export, representative_size=8, progress=False)
+    export_model(model_file, export, representative_size=8, calibrate_on_phantoms=True, progress=False)
     return model_file, export
 
 

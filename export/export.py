@@ -1,7 +1,7 @@
 """Thin entry script: `python export/export.py --model RUN --out EXPORT [--tflite ...] [--data HELDOUT]`.
 
 Same as `lumbar-tf export` (SavedModel for TF Serving + TFLite variants for tablets, see
-lumbar_tf/export.py); kept for teams that launch the export from a script path.
+lumbar_tf/export/job.py); kept for teams that launch the export from a script path.
 """
 
 import sys

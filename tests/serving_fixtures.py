@@ -109,6 +109,7 @@ def build_tiny_saved_model(
             "conditions": list(labels.CONDITIONS),
             "levels": list(labels.LEVELS),
             "grades": list(labels.GRADES),
+            "label_semantics": {"known_thresholds": list(labels.THRESHOLDS), "fine_grades": True},
             "preprocess": config_to_dict(PreprocessConfig(view_size=view_size)),
             "intended_use": "Research decision support only; not for diagnosis.",
         }

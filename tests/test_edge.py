@@ -137,7 +137,7 @@ class _Spy:
     def __init__(self, inner):
         self.inner = inner
         self.preprocess = inner.preprocess
-        self.fine_grades = inner.fine_grades
+        self.label_semantics = inner.label_semantics
         self.views = None
 
     def predict_views(self, views):

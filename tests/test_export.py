@@ -129,7 +129,11 @@ def test_metadata_beside_version_and_at_root(export_dir, keras_model, tiny_run):
     for meta in (version_meta, root_meta):
         assert meta["name"] == NAME and meta["version"] == 1
         assert meta["intended_use"] == "Research decision support only; not for diagnosis."
-        assert meta["fine_grades"] is True
+        # The phantom writes train_grades.csv: every threshold was known in training.
+        assert meta["label_semantics"]["known_thresholds"] == [">=1", ">=2", ">=3"]
+        assert meta["label_semantics"]["fine_grades"] is meta["fine_grades"] is True
+        assert meta["label_semantics"]["n_fine_grade_studies"] == meta["training_data"]["n_train_studies"]
+        assert meta["int8_calibration"]["kind"] == "training"
         assert meta["conditions"] == list(labels.CONDITIONS) and meta["levels"] == list(labels.LEVELS)
         assert meta["grades"] == list(labels.GRADES) and meta["thresholds"] == list(labels.THRESHOLDS)
         assert meta["preprocess"] == config_to_dict(keras_model.preprocess)
@@ -143,6 +147,9 @@ def test_metadata_beside_version_and_at_root(export_dir, keras_model, tiny_run):
         assert meta["metrics"]["training"]["n_train"] >= 1
         assert {"lumbar_tf", "tensorflow", "keras"} <= set(meta["versions"]) and meta["created"]
     assert set(root_meta["tflite"]) == {"float32", "float16", "dynamic", "int8"}
+    int8 = json.loads((export_dir / "tflite" / f"{NAME}_int8.json").read_text())
+    assert int8["int8_calibration"] == version_meta["int8_calibration"]
+    assert int8["label_semantics"] == version_meta["label_semantics"]
     # The serving engineer's client finds and reads it from any export path.
     for where in (export_dir, export_dir / "saved_model" / NAME, export_dir / "saved_model" / NAME / "1"):
         assert preprocess_config_from_metadata(load_export_metadata(where)) == keras_model.preprocess
@@ -166,6 +173,7 @@ def test_report_has_sizes_differences_and_auc(report, export_dir):
             info["macro_roc_auc"] - info["keras_macro_roc_auc"]
         )
         assert not any("Flex" in op for op in info["ops"])
+        assert info["published"] is True  # the fixture allows degraded variants; see the gate test
     assert report["tflite"]["float32"]["max_abs_diff"]["threshold_probs"] < 1e-4
     assert report["tflite"]["int8"]["float_tail"] is True  # grader head kept float32 (see export.py)
     sizes = {v: report["tflite"][v]["size_bytes"] for v in report["tflite"]}
@@ -230,6 +238,72 @@ def test_quantized_variants_stay_close(export_dir, study_views, keras_outputs):
         assert np.max(np.abs(got["threshold_probs"] - keras_outputs["threshold_probs"])) < tol, variant
 
 
+# === Gates ===
+
+
+def test_degraded_variant_is_refused_unless_allowed(
+    tiny_run, phantom_cache, phantom_dir, tmp_path, monkeypatch
+):
+    """A floor of -1 demands an AUC gain of 1: no variant can meet it, so none is published."""
+    from lumbar_tf.data.dataset import load_studies
+    from lumbar_tf.export import verify
+    from lumbar_tf.export.job import export_model
+
+    # The held-out studies from the session's prepared cache (decoding them again costs time only).
+    monkeypatch.setattr(
+        verify, "_heldout_studies", lambda data, cfg, tmp: (load_studies(phantom_cache, cfg), None)
+    )
+
+    out = tmp_path / "export"
+    kwargs = {
+        "tflite": ("float32",),
+        "cache_dir": phantom_cache,
+        "data_dir": phantom_dir,
+        "representative_size": 2,
+        "auc_loss_floor": -1.0,
+        "progress": False,
+    }
+    report = export_model(tiny_run, out, **kwargs)
+    info = report["tflite"]["float32"]
+    assert info["published"] is False and info["degraded"] is True
+    assert "not published" in info["reason"] and "--allow-degraded" in info["reason"]
+    assert not (out / "tflite" / f"{NAME}_float32.tflite").exists()
+    assert json.loads((out / "export_report.json").read_text())["tflite"]["float32"]["published"] is False
+    assert json.loads((out / "metadata.json").read_text())["tflite"] == {}
+    assert report["evaluation"]["auc_loss_floor"]["met"] == {"float32": False}
+
+    allowed = export_model(tiny_run, out, allow_degraded=True, **kwargs)["tflite"]["float32"]
+    assert allowed["published"] is True and allowed["degraded"] is True
+    assert "published anyway" in allowed["reason"]
+    assert (out / "tflite" / f"{NAME}_float32.tflite").is_file()
+
+
+def test_int8_calibration_needs_training_studies_or_the_flag(tiny_run, tmp_path):
+    import shutil
+
+    from lumbar_tf.export.job import ExportError, export_model
+
+    bare = tmp_path / "bare" / "model.keras"  # no run folder: no cache, no training data
+    bare.parent.mkdir()
+    shutil.copy(Path(tiny_run) / "model.keras", bare)
+    out = tmp_path / "export"
+    kwargs = {"tflite": ("int8",), "representative_size": 2, "progress": False}
+    with pytest.raises(ExportError, match="--calibrate-on-phantoms"):
+        export_model(bare, out, **kwargs)
+    assert not [p for p in _children(out / "saved_model" / NAME) if p.isdigit() or p.startswith(".tmp")]
+
+    report = export_model(bare, out, calibrate_on_phantoms=True, **kwargs)
+    assert report["int8_calibration"]["kind"] == "phantoms"
+    meta = json.loads((out / "saved_model" / NAME / "1" / "metadata.json").read_text())
+    assert meta["int8_calibration"]["kind"] == "phantoms"
+    sidecar = json.loads((out / "tflite" / f"{NAME}_int8.json").read_text())
+    assert sidecar["int8_calibration"] == meta["int8_calibration"]
+    # Without int8 nothing is calibrated, so no training study is needed and nothing is recorded.
+    plain = export_model(bare, out, tflite=(), representative_size=2, progress=False)
+    assert "int8_calibration" not in plain
+    assert "int8_calibration" not in json.loads((out / "metadata.json").read_text())
+
+
 # === Versions, atomicity, bad input ===
 
 
@@ -240,6 +314,7 @@ def _children(model_dir: Path) -> list[str]:
 def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, tmp_path, monkeypatch):
     from lumbar_tf.export import job as export
     from lumbar_tf.export.job import ExportError, export_model
+    from lumbar_tf.export.publish import next_version
 
     out = tmp_path / "export"
     kwargs = {"tflite": (), "cache_dir": phantom_cache, "representative_size": 2, "progress": False}
@@ -263,7 +338,7 @@ def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, t
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(tiny_run, out, **kwargs)
     assert _children(model_dir) == ["1", "2", "7"]
-    assert export.next_version(model_dir) == 8
+    assert next_version(model_dir) == 8
 
 
 def test_missing_or_corrupt_model_is_one_clear_error(tmp_path):

@@ -367,7 +367,10 @@ def test_build_predictions_structure():
         level_positions=list(reversed(_level_positions())),
         warnings=["Sagittal T1 missing"],
     )
-    assert list(preds) == ["study_id", "model", "cells", "levels", "warnings", "intended_use"]
+    keys = ["study_id", "model", "cells", "levels", "warnings", "label_semantics", "intended_use"]
+    assert list(preds) == keys
+    semantics = preds["label_semantics"]
+    assert semantics["fine_grades"] is True and semantics["presence"] == "P(grade >=1)"
     assert preds["study_id"] == "44036939"
     assert preds["model"] == {"name": MODEL, "version": 3, "format": "saved_model"}
     assert preds["intended_use"] == INTENDED_USE == "Research decision support only; not for diagnosis."
@@ -414,6 +417,9 @@ def test_build_predictions_rsna_only_presence_and_monotone_guard():
     assert min(first["grade_probs"]) >= 0
     assert any("not monotone" in w for w in preds["warnings"])
     assert preds["cells"][1]["presence"] == pytest.approx(tp[0, 1, 1], abs=1e-6)  # P(>=2) without fine grades
+    assert len(first["grade_probs"]) == 3  # normal_mild, moderate, severe: P(mild) is not offered
+    assert preds["label_semantics"]["grade_scale"] == ["normal_mild", "moderate", "severe"]
+    assert any("mild is not distinguishable" in w for w in preds["warnings"])
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,9 @@ def _export_and_predict(run: Path, holdout: Path, study_id: str, out: Path) -> N
         "int8 TFLite": (out / "export" / "tflite" / "lumbar_spine_int8.tflite", out / "predict_int8"),
     }
     for name, (model, where) in runtimes.items():
+        if not Path(model).exists():  # a TFLite variant the AUC gate refused (see the report)
+            print(f"{name:>12}: not published ({report['tflite']['int8'].get('reason')})")
+            continue
         preds = predict_study(load_predictor(model), study).predictions
         write_predictions(where / "predictions.json", preds)
         worst = max(preds["cells"], key=lambda c: (c["grade"], c["grade_probs"][c["grade"]]))

@@ -25,7 +25,13 @@ def cmd_synth(args) -> int:
     from lumbar_tf.synthetic.phantom import synthesize_dataset
 
     out = synthesize_dataset(
-        args.out, args.studies, args.seed, progress=True, split=args.split, acquisition=args.acquisition
+        args.out,
+        args.studies,
+        args.seed,
+        progress=True,
+        split=args.split,
+        acquisition=args.acquisition,
+        fine_grades=args.labels == "fine",
     )
     print(f"wrote {args.studies} phantom studies to {out}")
     return 0
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="realistic",
         help="realistic: as RSNA studies are scanned (default); centred: coarse fields centred on the spine",
     )
+    p.add_argument(
+        "--labels",
+        choices=("fine", "rsna"),
+        default="fine",
+        help="fine: train.csv and train_grades.csv (grades 0-3); rsna: train.csv only (the competition's)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="decode studies once into a TFRecord cache of model-ready views")
@@ -209,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics", type=Path, help="an evaluation metrics.json to store in the export metadata")
     p.add_argument("--cache", type=Path, help="prepared cache of the training data (representative studies)")
+    p.add_argument(
+        "--allow-degraded",
+        action="store_true",
+        help="publish a TFLite variant even if its held-out ROC-AUC loss exceeds the floor",
+    )
+    p.add_argument(
+        "--calibrate-on-phantoms",
+        action="store_true",
+        help="calibrate int8 on synthesised phantoms when no training study is found",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="synthesise, train, evaluate, export and explain on phantom data")

@@ -33,6 +33,7 @@ TFLITE_METADATA_NAME = "lumbar_tf_metadata"  # flatbuffer metadata entry holding
 MODEL_FILE = "model.keras"  # a run folder's end-to-end model
 RUN_CONFIG_FILE = "config.yaml"
 RUN_PRIOR_FILE = "prior.json"  # the training split's class frequencies, {"threshold_probs": [5,5,3]}
+RUN_LABEL_SEMANTICS_FILE = "label_semantics.json"  # which thresholds the training labels made known
 METADATA_FILE = "metadata.json"  # beside each SavedModel version, and at the export root
 EXPORT_REPORT_FILE = "export_report.json"
 PREDICTIONS_FILE = "predictions.json"

@@ -150,6 +150,45 @@ def presence(threshold_probs: np.ndarray, fine_grades_known: bool = True) -> np.
     return p[..., 0] if fine_grades_known else p[..., 1]
 
 
+FINE_GRADE_SCALE = GRADES  # what a cell's "grade" indexes when grades 0/1 were known in training
+RSNA_GRADE_SCALE = SUBMISSION_COLUMNS  # ... and when only the RSNA labels were
+
+
+def label_semantics(grades: np.ndarray) -> dict:
+    """Which thresholds the labels of a training split ``[N, 5, 5]`` ever made known (DESIGN.md).
+
+    A threshold is known when the labels show both of its outcomes. RSNA labels alone never say
+    grade < 1 (Normal/Mild leaves ``>=1`` unknown, Moderate/Severe set it): the model's P(>=1) only
+    learns to be 1, so presence is P(>=2) and grades live in the 3-class RSNA space.
+    """
+    grades = np.asarray(grades, dtype=np.int64).reshape(-1, N_CONDITIONS * N_LEVELS)
+    targets, mask = (a.reshape(-1, N_THRESHOLDS) for a in encode_grades(grades))
+    seen = mask > 0
+    known = (seen & (targets > 0.5)).any(axis=0) & (seen & (targets < 0.5)).any(axis=0)
+    fine = bool(known[0])
+    return {
+        "known_thresholds": [t for t, k in zip(THRESHOLDS, known, strict=True) if k],
+        "fine_grades": fine,
+        "n_studies": int(len(grades)),
+        "n_fine_grade_studies": int(np.isin(grades, (0, 1)).any(axis=-1).sum()),
+        "presence": THRESHOLDS[0] if fine else THRESHOLDS[1],
+        "grade_scale": list(FINE_GRADE_SCALE if fine else RSNA_GRADE_SCALE),
+    }
+
+
+def semantics_or_default(record) -> dict:
+    """A stored label-semantics record, completed; without one, the RSNA-only reading (P(>=1) is not
+    trusted unless a record says grades 0/1 were known: P(>=2) means the same under both labellings)."""
+    if not isinstance(record, dict) or not isinstance(record.get("fine_grades"), bool):
+        record = {"known_thresholds": list(THRESHOLDS[1:]), "fine_grades": False, "recorded": False}
+    fine = record["fine_grades"]
+    return {
+        **record,
+        "presence": THRESHOLDS[0] if fine else THRESHOLDS[1],
+        "grade_scale": list(FINE_GRADE_SCALE if fine else RSNA_GRADE_SCALE),
+    }
+
+
 def level_batch_to_study(per_level) -> np.ndarray:
     """``[B * 5, 5, 3]`` (level-major batch: condition x threshold) -> ``[B, 5, 5, 3]`` (condition, level)."""
     per_level = np.asarray(per_level)

@@ -88,7 +88,21 @@ class LevelCrop(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="lumbar_tf")
 class StudyGrades(keras.layers.Layer):
-    """Per-level threshold logits [B*5, 5, 3] -> the output contract's probability tensors."""
+    """Per-level threshold logits [B*5, 5, 3] -> the output contract's probability tensors.
+
+    Args:
+        fine_grades: the training labels made grade >= 1 known (``core.labels.label_semantics``);
+            ``presence`` is then P(>=1), else P(>=2), since an RSNA-only model never learns P(>=1).
+    """
+
+    def __init__(self, fine_grades: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.fine_grades = bool(fine_grades)
+
+    def get_config(self):
+        config = super().get_config()
+        config["fine_grades"] = self.fine_grades
+        return config
 
     def call(self, threshold_logits):
         logits = ops.cast(threshold_logits, "float32")
@@ -99,7 +113,7 @@ class StudyGrades(keras.layers.Layer):
         return {
             "grade_probs": ops.clip(grade_probs, 0.0, 1.0),
             "threshold_probs": threshold_probs,
-            "presence": p1,
+            "presence": p1 if self.fine_grades else p2,
         }
 
 
@@ -124,13 +138,21 @@ class PreprocessingCard(keras.layers.Layer):
         return config
 
 
+def fine_grades_of(model: keras.Model) -> bool:
+    """Whether the model's ``presence`` output is P(>=1) (see `StudyGrades`)."""
+    return bool(model.get_layer("study_grades").fine_grades)
+
+
 def preprocess_config_of(model: keras.Model) -> PreprocessConfig:
     """The PreprocessConfig stored in an end-to-end model by `build_end_to_end`."""
     return preprocess_config_from_dict(model.get_layer("level_xy").preprocess)
 
 
-def build_end_to_end(localizer: keras.Model, grader: keras.Model, preprocess_cfg) -> keras.Model:
-    """Chain the trained localiser and grader into one model with the export contract's tensors."""
+def build_end_to_end(
+    localizer: keras.Model, grader: keras.Model, preprocess_cfg, *, fine_grades: bool = True
+) -> keras.Model:
+    """Chain the trained localiser and grader into one model with the export contract's tensors
+    (``fine_grades``: see `StudyGrades`)."""
     size = preprocess_cfg.view_size
     inputs = {
         name: keras.Input((size, size, 3), name=name, dtype="float32") for name in preprocess_cfg.view_names
@@ -144,7 +166,7 @@ def build_end_to_end(localizer: keras.Model, grader: keras.Model, preprocess_cfg
     }
     crops["level_index"] = LevelIndex(name="level_index")(level_xy)
     logits = grader(crops)
-    probs = StudyGrades(name="study_grades")(logits)
+    probs = StudyGrades(fine_grades=fine_grades, name="study_grades")(logits)
     outputs = {
         "grade_probs": keras.layers.Identity(name="grade_probs")(probs["grade_probs"]),
         "threshold_probs": keras.layers.Identity(name="threshold_probs")(probs["threshold_probs"]),

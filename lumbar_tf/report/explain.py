@@ -45,7 +45,7 @@ from lumbar_tf.core.config import PreprocessConfig, config_to_dict
 from lumbar_tf.core.contract import INTENDED_USE, PREDICTIONS_FILE
 from lumbar_tf.core.errors import ModelLoadError
 from lumbar_tf.dicom.reader import SAGITTAL_T1, SAGITTAL_T2
-from lumbar_tf.report.heatmaps import grade_prob_array, midline_image, save_png, write_heatmaps
+from lumbar_tf.report.heatmaps import grade_prob_array, grade_scale, midline_image, save_png, write_heatmaps
 
 TARGET_THRESHOLD = 1  # index into labels.THRESHOLDS: ">=2"
 REPORT_FILE = "report.html"
@@ -375,7 +375,7 @@ def write_report(
     rows = []
     for cell in predictions["cells"]:
         gp, rsna = cell["grade_probs"], cell["rsna"]
-        grade = L.GRADES[int(cell["grade"])]
+        grade = grade_scale(predictions)[int(cell["grade"])]
         rows.append(
             "<tr class='g{g}'><td>{c}</td><td>{lv}</td><td>{grade}</td>{p}{r}<td>{pres:.3f}</td></tr>".format(
                 g=int(cell["grade"]),
@@ -407,6 +407,7 @@ def write_report(
         for entry in predictions["levels"]
     )
     notes_html = "".join(f"<p>{e(str(n))}</p>" for n in notes)
+    grade_heads = "".join(f"<th>P({e(name)})</th>" for name in grade_scale(predictions))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>lumbar-tf report: study {e(str(predictions["study_id"]))}</title>
@@ -426,7 +427,7 @@ figcaption {{ font-size: 13px; color: #555; }}
 {summary_html}
 <h2>Probabilities (25 cells)</h2>
 <table><thead><tr><th>condition</th><th>level</th><th>predicted grade</th>
-<th>P(none)</th><th>P(mild)</th><th>P(moderate)</th><th>P(severe)</th>
+{grade_heads}
 <th>RSNA normal/mild</th><th>RSNA moderate</th><th>RSNA severe</th><th>presence</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 <h2>Disc levels (localiser, source pixels of the midline sagittal slice)</h2>
@@ -549,7 +550,8 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
             gp = grade_probs[ci, li]
             g = int(np.argmax(gp))
             p_target = float(1.0 / (1.0 + np.exp(-logits_cl[ci, li, threshold])))
-            title = f"{L.LEVEL_TITLES[level]}: {L.GRADES[g]} {gp[g]:.0%}\nP(grade {target}) = {p_target:.2f}"
+            name = grade_scale(predictions)[g]
+            title = f"{L.LEVEL_TITLES[level]}: {name} {gp[g]:.0%}\nP(grade {target}) = {p_target:.2f}"
             if peak is None:
                 title += " (no positive evidence)"
             panels.append(CamPanel(level, image, cam_src, coverage, box_src, centre, peak, title))

@@ -4,7 +4,8 @@ numpy + OpenCV + matplotlib only, never TensorFlow or Keras: the tablet runner (
 draws the same pictures from a TFLite model's `predictions.json`, so every runtime shows one picture.
 
 - ``grid.png``: conditions x levels, coloured by severity = expected grade ``sum_g g * p_g`` (0-3),
-  each cell labelled with its most probable grade and that grade's probability.
+  each cell labelled with its most probable grade and that grade's probability. For a model trained
+  on RSNA labels alone the grades are normal_mild/moderate/severe and normal/mild counts as 0.
 - ``levels.png``: the midline Sagittal T2/STIR slice with each disc level marked at the localiser's
   position (``predictions["levels"][i]["x"], ["y"]``, source pixels), coloured by the level's worst
   severity over the five conditions and labelled L1/L2 ... L5/S1.
@@ -25,6 +26,7 @@ import numpy as np
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.preprocess import prepared_slices
+from lumbar_tf.runtime.predictions import grade_scale  # what a cell's grade indexes
 
 GRID_FILE = "grid.png"
 LEVELS_FILE = "levels.png"
@@ -54,12 +56,21 @@ OVERLAY_SIZE = 768
 # === Numbers ===
 
 
+def grade_values(predictions: dict) -> np.ndarray:
+    """The grade (0-3) each entry of the scale stands for: normal/mild counts as 0, since an RSNA-only
+    model's P(mild) means nothing (its severity is then 2 P(moderate) + 3 P(severe))."""
+    scale = grade_scale(predictions)
+    if list(scale) == list(L.RSNA_GRADE_SCALE):
+        return np.array([0.0, 2.0, 3.0])
+    return np.arange(L.N_GRADES, dtype=np.float64)
+
+
 def grade_prob_array(predictions: dict) -> np.ndarray:
-    """``predictions["cells"]`` -> grade probabilities ``[5 conditions, 5 levels, 4]`` (float64).
+    """``predictions["cells"]`` -> grade probabilities ``[5 conditions, 5 levels, len(grade_scale)]``.
 
     Cells are looked up by (condition, level), so their order in the list does not matter.
     """
-    probs = np.full((L.N_CONDITIONS, L.N_LEVELS, L.N_GRADES), np.nan)
+    probs = np.full((L.N_CONDITIONS, L.N_LEVELS, len(grade_scale(predictions))), np.nan)
     for cell in predictions["cells"]:
         ci, li = L.CONDITIONS.index(cell["condition"]), L.LEVELS.index(cell["level"])
         probs[ci, li] = np.asarray(cell["grade_probs"], dtype=np.float64)
@@ -70,11 +81,11 @@ def grade_prob_array(predictions: dict) -> np.ndarray:
 
 def severity_grid(predictions: dict) -> np.ndarray:
     """Expected grade ``sum_g g * p_g`` per cell -> ``[5 conditions, 5 levels]`` in [0, 3]."""
-    return grade_prob_array(predictions) @ np.arange(L.N_GRADES, dtype=np.float64)
+    return grade_prob_array(predictions) @ grade_values(predictions)
 
 
 def predicted_grades(predictions: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Most probable grade ``[5, 5]`` int and its probability ``[5, 5]``, per (condition, level)."""
+    """Most probable grade ``[5, 5]`` int (index into `grade_scale`) and its probability ``[5, 5]``."""
     probs = grade_prob_array(predictions)
     grades = probs.argmax(axis=-1)
     return grades, np.take_along_axis(probs, grades[..., None], axis=-1)[..., 0]
@@ -189,6 +200,7 @@ def severity_grid_figure(predictions: dict):
 
     severity = severity_grid(predictions)
     grades, grade_p = predicted_grades(predictions)
+    scale, values = grade_scale(predictions), grade_values(predictions)
     fig_w, fig_h = 10.0, 6.6
     fig = Figure(figsize=(fig_w, fig_h))
     # Layout in inches: condition labels | 5x5 cells | colour bar with its labels.
@@ -203,12 +215,12 @@ def severity_grid_figure(predictions: dict):
             ax.text(
                 li,
                 ci,
-                f"{L.GRADES[grades[ci, li]]}\n{grade_p[ci, li]:.0%}",
+                f"{scale[grades[ci, li]]}\n{grade_p[ci, li]:.0%}",
                 ha="center",
                 va="center",
                 fontsize=10.5,
                 color=colour,
-                fontweight="bold" if grades[ci, li] >= 2 else "normal",
+                fontweight="bold" if values[grades[ci, li]] >= 2 else "normal",
             )
     ax.set_xticks(range(L.N_LEVELS), [L.LEVEL_TITLES[lv] for lv in L.LEVELS], fontsize=11)
     ax.set_yticks(range(L.N_CONDITIONS), [CONDITION_LABELS[c] for c in L.CONDITIONS], fontsize=10)
@@ -234,7 +246,11 @@ def severity_grid_figure(predictions: dict):
         x0,
         0.4 / fig_h,
         "Each cell: the most probable grade and its probability. "
-        "Colour: expected grade (0 none ... 3 severe).",
+        + (
+            "Colour: expected grade (0 none ... 3 severe)."
+            if len(scale) == L.N_GRADES
+            else "Colour: 2 P(moderate) + 3 P(severe) (trained on RSNA labels: mild not distinguishable)."
+        ),
         fontsize=9,
     )
     fig.text(x0, 0.15 / fig_h, f"{_model_line(predictions)}    {INTENDED_USE}", fontsize=8.5, style="italic")
@@ -316,7 +332,7 @@ def levels_figure(predictions: dict, midline_image: np.ndarray):
         ci = int(overlay.worst_condition[li])
         label = (
             f"{L.LEVEL_TITLES[level]}  {CONDITION_SHORT[L.CONDITIONS[ci]]}: "
-            f"{L.GRADES[grades[ci, li]]} {grade_p[ci, li]:.0%}"
+            f"{grade_scale(predictions)[grades[ci, li]]} {grade_p[ci, li]:.0%}"
         )
         moved = abs(label_y[li] - points[li, 1]) * points_per_px > 2.0
         ax.annotate(
@@ -383,6 +399,8 @@ __all__ = [
     "SEVERITY_CMAP",
     "LevelsOverlay",
     "grade_prob_array",
+    "grade_scale",
+    "grade_values",
     "level_points",
     "levels_figure",
     "predicted_grades",

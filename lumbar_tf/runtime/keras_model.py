@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lumbar_tf.core import labels
 from lumbar_tf.core.config import PreprocessConfig
-from lumbar_tf.core.contract import MODEL_FILE, RUN_CONFIG_FILE, RUN_PRIOR_FILE
+from lumbar_tf.core.contract import MODEL_FILE, RUN_CONFIG_FILE, RUN_LABEL_SEMANTICS_FILE, RUN_PRIOR_FILE
 from lumbar_tf.core.errors import ModelLoadError
 
 
@@ -75,7 +76,8 @@ class KerasPredictor:
             path_or_loaded if isinstance(path_or_loaded, LoadedModel) else load_model(path_or_loaded)
         )
         self.preprocess = self.loaded.preprocess
-        self.fine_grades = True
+        self.label_semantics = label_semantics_of(self.loaded)
+        self.fine_grades = self.label_semantics["fine_grades"]
         self.path = self.loaded.path
         self.prior_threshold_probs = run_prior(self.loaded.run_dir)
 
@@ -84,6 +86,26 @@ class KerasPredictor:
 
     def model_info(self) -> dict:
         return {"name": self.loaded.model.name, "version": None, "format": "keras"}
+
+
+def label_semantics_of(loaded: LoadedModel) -> dict:
+    """What the model's training labels made known: the run's ``label_semantics.json``, else the flag
+    the end-to-end model carries (`models.end_to_end.StudyGrades`), so a bare ``.keras`` file knows too."""
+    import json
+
+    if loaded.run_dir is not None and (Path(loaded.run_dir) / RUN_LABEL_SEMANTICS_FILE).is_file():
+        try:
+            record = json.loads((Path(loaded.run_dir) / RUN_LABEL_SEMANTICS_FILE).read_text())
+            return labels.semantics_or_default(record)
+        except (OSError, ValueError):
+            pass
+    from lumbar_tf.models.end_to_end import fine_grades_of
+
+    try:
+        fine = fine_grades_of(loaded.model)
+    except ValueError:  # no study_grades layer
+        return labels.semantics_or_default(None)
+    return labels.semantics_or_default({"fine_grades": fine, "source": "model config (no run record)"})
 
 
 def run_prior(run_dir) -> list | None:

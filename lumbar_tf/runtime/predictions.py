@@ -22,6 +22,10 @@ SUBMISSION_HEADER = ("row_id", *labels.SUBMISSION_COLUMNS)
 LEVEL_POSITION_KEYS = ("level", "instance_number", "x", "y")
 # Threshold probabilities that break P(>=1) >= P(>=2) >= P(>=3) by more than this get a warning.
 MONOTONE_TOLERANCE = 1e-4
+RSNA_ONLY_WARNING = (
+    "the model was trained on RSNA labels only: mild is not distinguishable from none; presence is "
+    "P(>= moderate) and grades are normal_mild/moderate/severe"
+)
 
 
 def _as_threshold_probs(threshold_probs) -> np.ndarray:
@@ -80,6 +84,7 @@ def build_predictions(
     level_positions: list[dict],
     warnings: list[str] | tuple[str, ...] = (),
     fine_grades: bool = True,
+    label_semantics: dict | None = None,
 ) -> dict:
     """One study's `predictions.json` dict (DESIGN.md output contract).
 
@@ -93,7 +98,17 @@ def build_predictions(
             (source pixels), computed by the caller from ``level_xy`` through preprocess.
         warnings: messages for the reader (missing series, clipped coordinates, ...).
         fine_grades: the model was trained with grades 0/1 known; presence is then P(>=1), else P(>=2).
+        label_semantics: the model's record (`core.labels.semantics_or_default`); overrides
+            ``fine_grades`` and is written as the top-level ``label_semantics``. Without fine grades,
+            P(none)/P(mild) mean nothing: ``grade``/``grade_probs`` are then in the 3-class RSNA
+            space (normal_mild, moderate, severe) and a warning says mild is not distinguishable.
     """
+    if label_semantics is None:
+        label_semantics = {"fine_grades": bool(fine_grades), "known_thresholds": list(labels.THRESHOLDS)}
+        if not fine_grades:
+            label_semantics["known_thresholds"] = list(labels.THRESHOLDS[1:])
+    semantics = labels.semantics_or_default(label_semantics)
+    fine_grades = semantics["fine_grades"]
     probs = _as_threshold_probs(threshold_probs)
     warnings = [str(w) for w in warnings]
     monotone = monotone_thresholds(probs)
@@ -107,8 +122,10 @@ def build_predictions(
         if key not in model_info:
             raise ValueError(f"model_info: missing {key!r}")
 
-    grade_probs = labels.grade_probs_from_thresholds(monotone).astype(np.float64)
     rsna = labels.rsna_triple(monotone).astype(np.float64)
+    grade_probs = labels.grade_probs_from_thresholds(monotone).astype(np.float64) if fine_grades else rsna
+    if not fine_grades:
+        warnings.append(RSNA_ONLY_WARNING)
     presence = labels.presence(monotone, fine_grades_known=fine_grades).astype(np.float64)
 
     cells = []
@@ -149,6 +166,12 @@ def build_predictions(
         "cells": cells,
         "levels": levels,
         "warnings": warnings,
+        "label_semantics": {
+            "known_thresholds": list(semantics.get("known_thresholds", [])),
+            "fine_grades": fine_grades,
+            "presence": f"P(grade {semantics['presence']})",
+            "grade_scale": semantics["grade_scale"],
+        },
         "intended_use": INTENDED_USE,
     }
 
@@ -219,15 +242,22 @@ def write_submission(path, rows) -> Path:
     return write_csv_atomic(path, SUBMISSION_HEADER, lines)
 
 
+def grade_scale(preds: dict) -> list[str]:
+    """The names a cell's ``grade`` indexes: none..severe, or normal_mild/moderate/severe for a model
+    trained on RSNA labels alone (predictions without the record are the 4-grade kind)."""
+    return list((preds.get("label_semantics") or {}).get("grade_scale") or labels.FINE_GRADE_SCALE)
+
+
 def summary_lines(preds: dict, path) -> list[str]:
     """What a command prints for one study: where its predictions went, the three most severe cells
     and the warnings."""
     model = preds["model"]
     lines = [f"study {preds['study_id']} ({model['format']} {model['name']} v{model['version']}): {path}"]
-    for cell in sorted(preds["cells"], key=lambda c: -c["grade_probs"][3])[:3]:
+    scale = grade_scale(preds)
+    for cell in sorted(preds["cells"], key=lambda c: -c["rsna"]["severe"])[:3]:
         lines.append(
-            f"  {cell['condition']} {cell['level']}: grade {labels.GRADES[cell['grade']]}, "
-            f"P(severe) {cell['grade_probs'][3]:.2f}"
+            f"  {cell['condition']} {cell['level']}: grade {scale[cell['grade']]}, "
+            f"P(severe) {cell['rsna']['severe']:.2f}"
         )
     lines.extend(f"  warning: {warning}" for warning in preds["warnings"])
     return lines

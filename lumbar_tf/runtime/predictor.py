@@ -7,8 +7,8 @@
 A *predictor* is anything with:
 
 - ``preprocess``: the `PreprocessConfig` the model was trained with (views, sizes, offsets);
-- ``fine_grades``: whether its training labels made grade >= 1 known (presence is then P(>=1),
-  else P(>=2));
+- ``label_semantics``: which grade thresholds its training labels made known
+  (`core.labels.semantics_or_default`: presence is P(>=1) with fine grades, else P(>=2));
 - ``predict_views(views) -> {"threshold_probs" [B,5,5,3], "level_xy" [B,5,2], ...}`` on model-ready
   views ``{name: [B, S, S, 3]}`` (0-255);
 - ``model_info() -> {"name", "version", "format"}``.
@@ -36,7 +36,7 @@ from lumbar_tf.runtime import predictions
 
 class Predictor(Protocol):
     preprocess: PreprocessConfig
-    fine_grades: bool
+    label_semantics: dict
 
     def predict_views(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -135,6 +135,6 @@ def predict_study(
         model_info=predictor.model_info(),
         level_positions=positions,
         warnings=warnings,
-        fine_grades=bool(getattr(predictor, "fine_grades", True)),
+        label_semantics=getattr(predictor, "label_semantics", None),
     )
     return StudyResult(preds, study, outputs, views, grid, info, cfg)

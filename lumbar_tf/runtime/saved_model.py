@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lumbar_tf.core import labels
 from lumbar_tf.core.contract import METADATA_FILE, SERVING_SIGNATURE
 from lumbar_tf.core.errors import ConfigError, ModelLoadError
 from lumbar_tf.runtime.artifacts import load_export_metadata, preprocess_config_from_metadata
@@ -45,7 +46,8 @@ class SavedModelPredictor:
             self.preprocess = preprocess_config_from_metadata(self.metadata)
         except ConfigError as exc:
             raise ModelLoadError(str(exc)) from None
-        self.fine_grades = bool(self.metadata.get("fine_grades", True))
+        self.label_semantics = labels.semantics_or_default(self.metadata.get("label_semantics"))
+        self.fine_grades = self.label_semantics["fine_grades"]
         self.prior_threshold_probs = (self.metadata.get("prior") or {}).get("threshold_probs")
         try:
             self.runner = SavedModelRunner(self.path)

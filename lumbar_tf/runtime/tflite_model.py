@@ -167,7 +167,8 @@ class EdgeModel:
             self.preprocess: PreprocessConfig = preprocess_config_from_dict(metadata["preprocess"])
         except (ConfigError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{self.path}: bad preprocessing metadata ({exc})") from None
-        self.fine_grades = bool(metadata.get("fine_grades", True))
+        self.label_semantics = labels.semantics_or_default(metadata.get("label_semantics"))
+        self.fine_grades = self.label_semantics["fine_grades"]
         self.prior_threshold_probs = (metadata.get("prior") or {}).get("threshold_probs")
         self._localize = self.interpreter.get_signature_runner(LOCALIZE)
         self._grade = self.interpreter.get_signature_runner(GRADE)

@@ -1665,6 +1665,7 @@ def synthesize_dataset(
     split: str = "train",
     acquisition: str = "realistic",
     workers: int | None = None,
+    fine_grades: bool = True,
 ) -> Path:
     """Write `n_studies` phantom studies in the RSNA layout under `out_dir`; returns `out_dir`.
 
@@ -1673,6 +1674,8 @@ def synthesize_dataset(
     reader-noise model, for `lumbar_tf.training.metrics.bayes_optimal_threshold_probs`). test:
     ``test_images/`` and ``test_series_descriptions.csv``. The same (n_studies, seed, split,
     acquisition) gives byte-identical files, whatever the number of `workers` (default: one per core).
+    ``fine_grades=False``: no ``train_grades.csv``, the competition's labels alone (Normal/Mild leaves
+    grade >= 1 unknown).
     """
     if acquisition not in ACQUISITIONS:
         raise ValueError(f"acquisition must be one of {ACQUISITIONS}, not {acquisition!r}")
@@ -1708,7 +1711,8 @@ def synthesize_dataset(
     )
     if split == "train":
         _write_csv(out / "train.csv", header, sorted(rows["labels"]))
-        _write_csv(out / "train_grades.csv", header, sorted(rows["grades"]))
+        if fine_grades:
+            _write_csv(out / "train_grades.csv", header, sorted(rows["grades"]))
         coordinates.sort(key=lambda row: row[0])  # stable: (condition, level) order within a study
         _write_csv(
             out / "train_label_coordinates.csv",

@@ -5,6 +5,7 @@ Run folder layout::
     RUN/config.yaml          resolved configuration
     RUN/split.json           study -> fold, and which fold is validation
     RUN/prior.json           training-split class frequencies (the constant-prior baseline)
+    RUN/label_semantics.json which grade thresholds the training labels made known (also in finished.json)
     RUN/localizer.keras      best localiser by validation loss
     RUN/grader.keras         best grader by validation loss
     RUN/history/*.csv        per-epoch histories (CSVLogger)
@@ -24,7 +25,7 @@ import numpy as np
 
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.config import Config, load_config, save_config
-from lumbar_tf.core.contract import RUN_PRIOR_FILE
+from lumbar_tf.core.contract import RUN_LABEL_SEMANTICS_FILE, RUN_PRIOR_FILE
 from lumbar_tf.core.errors import RunFolderError
 from lumbar_tf.core.io import write_json_atomic, write_text_atomic
 from lumbar_tf.data.dataset import (
@@ -297,9 +298,18 @@ def train(
     write_json_atomic(run / "split.json", split)
     studies = load_studies(cache, cfg.preprocess, train_ids)
     write_json_atomic(run / RUN_PRIOR_FILE, {"threshold_probs": _prior(studies["grades"])})
+    semantics = L.label_semantics(studies["grades"])
+    write_json_atomic(run / RUN_LABEL_SEMANTICS_FILE, semantics)
     print(f"dtype policy {policy}; {len(train_ids)} training and {len(val_ids)} validation studies")
+    if not semantics["fine_grades"]:
+        print("labels: RSNA severities only (no train_grades.csv): presence is P(>= moderate)")
 
-    summary: dict = {"dtype_policy": policy, "n_train": len(train_ids), "n_val": len(val_ids)}
+    summary: dict = {
+        "dtype_policy": policy,
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "label_semantics": semantics,
+    }
     # A stage that finished is not refitted when a killed run resumes (its backup is gone by then).
     if stage in ("localizer", "all") and not (resume and (run / "localizer.done").exists()):
         localizer, hist = _fit_localizer(run, cfg, cache, train_ids, val_ids, extra_callbacks)
@@ -325,6 +335,7 @@ def train(
             keras.models.load_model(run / "localizer.keras", compile=False),
             keras.models.load_model(run / "grader.keras", compile=False),
             cfg.preprocess,
+            fine_grades=semantics["fine_grades"],
         )
         end_to_end.save(run / "model.keras")
         summary["data_dir"] = str(Path(data_dir).resolve())

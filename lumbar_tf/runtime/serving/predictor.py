@@ -9,6 +9,7 @@ model never disagree on view size or slice offsets.
 
 from __future__ import annotations
 
+from lumbar_tf.core import labels
 from lumbar_tf.runtime.artifacts import load_export_metadata, preprocess_config_from_metadata
 
 
@@ -24,7 +25,8 @@ class ServingPredictor:
         self.client = client
         self.metadata = metadata if isinstance(metadata, dict) else load_export_metadata(metadata)
         self.preprocess = preprocess_config_from_metadata(self.metadata)
-        self.fine_grades = bool(self.metadata.get("fine_grades", True))
+        self.label_semantics = labels.semantics_or_default(self.metadata.get("label_semantics"))
+        self.fine_grades = self.label_semantics["fine_grades"]
         self.prior_threshold_probs = (self.metadata.get("prior") or {}).get("threshold_probs")
         self.target = getattr(client, "target", "")
 

@@ -1,0 +1,234 @@
+"""What an exported version says about itself: ``metadata.json`` and the TFLite files' embedded copy.
+
+DESIGN.md "Export contract": conditions, levels, grades, view specs, preprocessing, a training-data
+summary (with the label semantics: which grade thresholds the training labels made known), metrics
+and the intended-use line. Cheap to build: JSON and CSV files of the run folder only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lumbar_tf.core import labels as L
+from lumbar_tf.core.config import config_to_dict
+from lumbar_tf.core.contract import (
+    GRADE,
+    INTENDED_USE,
+    LEVEL_INDEX,
+    LEVEL_XY,
+    LOCALIZE,
+    OUTPUT_SPECS,
+    SERVING_SIGNATURE,
+    THRESHOLD_PROBS,
+)
+from lumbar_tf.runtime.keras_model import label_semantics_of, run_prior
+
+LABEL_CODES = {
+    "-2": "normal/mild",
+    "-1": "unknown",
+    "0": "none",
+    "1": "mild",
+    "2": "moderate",
+    "3": "severe",
+}
+
+
+def read_json(path: Path):
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def json_default(obj):
+    """``json.dumps(default=...)`` for numpy values and paths."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    import keras
+    import tensorflow as tf
+
+    try:
+        own = metadata.version("lumbar-tf")
+    except metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"lumbar_tf": own, "tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def channel_meaning(spec) -> list[str]:
+    """One sentence per channel of a view: which slice of which series it holds."""
+    out = []
+    for offset in spec.offsets_mm:
+        if abs(offset) < 1e-6:
+            where = "midline"
+        else:
+            side = "patient left" if offset > 0 else "patient right"
+            where = f"{abs(offset):g} mm to the {side}"
+        out.append(f"{spec.series_description} slice nearest {where} of the stack centre")
+    return out
+
+
+def training_summary(loaded) -> dict:
+    """What the model was trained on, from the run folder (cheap: JSON and CSV files only)."""
+    run = loaded.run_dir
+    if run is None:
+        return {"source": str(loaded.path), "note": "model file without its run folder"}
+    out: dict = {"run": str(run)}
+    split = read_json(run / "split.json") or {}
+    finished = read_json(run / "finished.json") or {}
+    train_ids = list(split.get("train", []))
+    out["n_train_studies"] = len(train_ids) or finished.get("n_train")
+    out["n_val_studies"] = len(split.get("val", [])) or finished.get("n_val")
+    out["data_dir"] = split.get("data_dir") or finished.get("data_dir")
+    out["val_fold"] = split.get("val_fold")
+    data_dir = out["data_dir"]
+    if data_dir and train_ids and Path(data_dir).is_dir():
+        try:
+            from lumbar_tf.data.dataset import label_summary, read_index
+
+            index = read_index(data_dir)
+            grades = [index.studies[s].grades for s in train_ids if s in index.studies]
+            if grades:
+                out["label_counts"] = label_summary(np.stack(grades))
+                out["label_codes"] = dict(LABEL_CODES)
+                out["fine_grades_studies"] = int(
+                    sum(index.studies[s].fine_grades for s in train_ids if s in index.studies)
+                )
+        except Exception as exc:  # noqa: BLE001  (a summary is optional; never fail an export on it)
+            out["label_counts_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return out
+
+
+def build_metadata(
+    loaded, *, name: str, version: int, evaluation_metrics: dict | None = None, extra: dict | None = None
+) -> dict:
+    """``metadata.json`` of one exported version (contract: DESIGN.md "Export contract").
+
+    ``label_semantics`` is the training run's record (`core.labels.label_semantics`); every runtime
+    reads it for presence and the grade scale. ``fine_grades`` repeats its flag for older readers.
+    ``extra``: further top-level entries (``int8_calibration``).
+    """
+    cfg = loaded.preprocess
+    s = cfg.view_size
+    finished = read_json(loaded.run_dir / "finished.json") if loaded.run_dir else None
+    metrics: dict = {"training": finished}
+    if evaluation_metrics is not None:
+        metrics["evaluation"] = evaluation_metrics
+    semantics = label_semantics_of(loaded)
+    return {
+        "name": name,
+        "version": int(version),
+        "format": "saved_model",
+        "signature": SERVING_SIGNATURE,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "intended_use": INTENDED_USE,
+        "label_semantics": semantics,
+        "fine_grades": semantics["fine_grades"],
+        "prior": {
+            "threshold_probs": run_prior(loaded.run_dir),
+            "meaning": "class frequencies of the training split; the rows of a study that cannot be read",
+        },
+        "conditions": list(L.CONDITIONS),
+        "levels": list(L.LEVELS),
+        "grades": list(L.GRADES),
+        "thresholds": list(L.THRESHOLDS),
+        "rsna_columns": list(L.SUBMISSION_COLUMNS),
+        "views": [
+            {
+                "name": spec.name,
+                "series_description": spec.series_description,
+                "offsets_mm": list(spec.offsets_mm),
+                "shape": [None, s, s, 3],
+                "dtype": "float32",
+                "value_range": [0, 255],
+                "channels": channel_meaning(spec),
+                "localizer_input": spec.name == cfg.localizer_view,
+            }
+            for spec in cfg.views
+        ],
+        "preprocess": config_to_dict(cfg),
+        "outputs": {
+            key: {"shape": shape, "dtype": "float32", "meaning": meaning}
+            for key, (shape, meaning) in OUTPUT_SPECS.items()
+        },
+        "axes": "[batch, condition, level, ...] in the order of 'conditions' and 'levels'",
+        "training_data": training_summary(loaded),
+        "metrics": metrics,
+        "source_model": str(loaded.path),
+        **(extra or {}),
+    }
+
+
+# Entries of the version's metadata that a TFLite file carries too (the tablet has nothing else).
+TFLITE_KEEP = (
+    "name",
+    "version",
+    "created",
+    "versions",
+    "intended_use",
+    "label_semantics",
+    "fine_grades",
+    "prior",
+    "conditions",
+    "levels",
+    "grades",
+    "thresholds",
+    "rsna_columns",
+    "views",
+    "preprocess",
+)
+
+
+def tflite_metadata(meta: dict, variant: str, file_name: str, quantization: str) -> dict:
+    """The metadata embedded in (and beside) one ``.tflite`` file: the version's, plus its signatures."""
+    cfg = meta["preprocess"]
+    view_names = [v["name"] for v in cfg["views"]]
+    s, c = cfg["view_size"], cfg["crop_size"]
+    out = {k: meta[k] for k in TFLITE_KEEP if k in meta}
+    if variant == "int8" and "int8_calibration" in meta:
+        out["int8_calibration"] = meta["int8_calibration"]
+    out.update(
+        format="tflite",
+        variant=variant,
+        quantization=quantization,
+        file=file_name,
+        signatures={
+            LOCALIZE: {
+                "inputs": {view_names[0]: {"shape": [None, s, s, 3], "dtype": "float32", "range": [0, 255]}},
+                "outputs": {LEVEL_XY: {"shape": [None, 5, 2], "dtype": "float32"}},
+            },
+            GRADE: {
+                "inputs": {
+                    **{
+                        n: {"shape": [None, c, c, 3], "dtype": "float32", "range": [0, 255]}
+                        for n in view_names
+                    },
+                    LEVEL_INDEX: {"shape": [None], "dtype": "int32", "range": [0, 4]},
+                },
+                "outputs": {
+                    THRESHOLD_PROBS: {
+                        "shape": [None, 5, 3],
+                        "dtype": "float32",
+                        "meaning": "per level: condition x P(grade>=1, >=2, >=3)",
+                    }
+                },
+            },
+        },
+        runner="crop between the signatures with lumbar_tf.preprocess.crop_levels (lumbar-tf-edge)",
+    )
+    return out
