@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="lumbar_spine")
     p.add_argument("--metadata", type=Path, help="export metadata.json (preprocessing) for --server/--rest")
     p.add_argument("--heatmaps", action="store_true", help="also write the grid and per-disc overlay")
+    p.add_argument(
+        "--dicom-out", type=Path, help="also write the DICOM SR and overlay (with --study) for the PACS"
+    )
+    p.add_argument(
+        "--deidentify", action="store_true", help="--dicom-out files without identifiers (research copies)"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="heatmaps, Grad-CAM and an HTML report for one study")
