@@ -103,6 +103,12 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
+def cmd_pacs(args) -> int:
+    from lumbar_tf.pacs.node import run_node
+
+    return run_node(args)
+
+
 def cmd_demo(args) -> int:
     from lumbar_tf.cli.demo import run_demo
 
@@ -208,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, help="an evaluation metrics.json to store in the export metadata")
     p.add_argument("--cache", type=Path, help="prepared cache of the training data (representative studies)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pacs", help="a PACS node: poll DICOMweb and/or receive C-STORE, store SR + overlay")
+    p.add_argument("--model", required=True, type=Path, help="run folder, export or .tflite model")
+    p.add_argument("--work", required=True, type=Path, help="state file, C-STORE inbox, temporary fetches")
+    p.add_argument("--dicomweb", help="DICOMweb base URL, e.g. http://pacs:8042/dicom-web")
+    p.add_argument("--scp-port", type=int, help="serve C-STORE on this port")
+    p.add_argument("--aet", default="LUMBARTF", help="this node's AE title (default LUMBARTF)")
+    p.add_argument("--store-to", help="send results by C-STORE to AET@HOST:PORT (without --dicomweb)")
+    p.add_argument("--settle", type=float, default=60.0, help="seconds a study must be unchanged (60)")
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between polls (30)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.set_defaults(func=cmd_pacs)
 
     p = sub.add_parser("demo", help="synthesise, train, evaluate, export and explain on phantom data")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

@@ -27,7 +27,6 @@ from lumbar_tf.core.contract import INTENDED_USE
 SCHEME = "99LUMBARTF"
 SCHEME_NAME = "lumbar-tf local codes"
 MANUFACTURER = "lumbar-tf"
-SR_SERIES_DESCRIPTION = "lumbar-tf grading (SR)"
 SR_SERIES_NUMBER = 9901
 
 _GRADE_CODES = (codes.SCT.Absent, codes.SCT.Mild, codes.SCT.Moderate, codes.SCT.Severe)
@@ -60,6 +59,12 @@ def probability_code(condition: str, grade: int) -> CodedConcept:
     return CodedConcept(
         f"{condition.upper()}_P{grade}", SCHEME, f"P({L.GRADES[grade]}) {L.CONDITION_TITLES[condition]}"[:64]
     )
+
+
+def result_series_description(model: dict) -> str:
+    """The SR series' description, naming model and version: how a PACS node recognises a study
+    that this model version has graded already."""
+    return f"lumbar-tf {model.get('name', '')} v{model.get('version', '')} SR"[:64]
 
 
 def model_label(predictions: dict) -> tuple[str, str]:
@@ -162,7 +167,7 @@ def build_sr(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=result_series_description(predictions.get("model") or {}),
     )
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME
