@@ -52,6 +52,8 @@ _NUMBER_OF_INSTANCES = "00201208"  # NumberOfStudyRelatedInstances
 _STUDY_UID = "0020000D"
 _SERIES_DESCRIPTION = "0008103E"
 _MODALITY = "00080060"
+_PATIENT_ID = "00100020"
+_MODALITIES_IN_STUDY = "00080061"
 
 
 class PacsUnreachableError(LumbarError):
@@ -183,15 +185,31 @@ class PacsNode:
         studies = self._call(
             "QIDO-RS studies",
             self.client.search_for_studies,
-            search_filters={"ModalitiesInStudy": "MR"},
-            fields=[_NUMBER_OF_INSTANCES],
+            fields=[_NUMBER_OF_INSTANCES, _PATIENT_ID, _MODALITIES_IN_STUDY],
         )
+        # MR studies, filtered here: a ModalitiesInStudy query hides a study's second patient on Orthanc.
+        studies = [
+            item
+            for item in studies or []
+            if "MR" in ((item.get(_MODALITIES_IN_STUDY) or {}).get("Value") or [])
+        ]
+        by_uid: dict[str, list[dict]] = {}
+        for item in studies:
+            by_uid.setdefault(_value(item, _STUDY_UID), []).append(item)
         done = []
-        for item in studies or []:
-            uid = _value(item, _STUDY_UID)
+        for uid, items in by_uid.items():
             if not uid or self.state.done(uid):
                 continue
-            count = _value(item, _NUMBER_OF_INSTANCES)
+            count = sum(int(_value(item, _NUMBER_OF_INSTANCES) or 0) for item in items)
+            patients = {_value(item, _PATIENT_ID) for item in items}
+            if len(patients) > 1:  # a PACS that files studies by patient lists the UID once per patient
+                if self.state.failed_at(uid) != count:
+                    self._fail(
+                        uid,
+                        f"series of {len(patients)} different patients under one Study Instance UID; refused",
+                        count,
+                    )
+                continue
             last_count, since = self._seen.get(uid, (None, now))
             if count != last_count:
                 since = now
