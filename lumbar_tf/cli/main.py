@@ -76,6 +76,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from lumbar_tf.training.calibration import calibrate_run
+
+    record = calibrate_run(args.model, args.data, cache_dir=args.cache)
+    before, after = record["uncalibrated"], record
+    temps = ", ".join(f"{group} {t:.2f}" for group, t in record["temperatures"].items())
+    print(f"temperatures: {temps} ({record['fitted_on']})")
+    for key in ("expected_calibration_error", "rsna_log_loss"):
+        print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
+    print(f"stored in {Path(args.model) / 'model.keras'}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from lumbar_tf.cli.predict import run_predict
 
@@ -173,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         "training data, else every study of DATA)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "calibrate", help="fit temperature scaling on the validation fold, store it in the model"
+    )
+    p.add_argument("--model", required=True, type=Path, help="run folder")
+    p.add_argument("--data", required=True, type=Path, help="the run's training data")
+    p.add_argument("--cache", type=Path)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="predict one study, a test folder, or through TF Serving")
     p.add_argument("--model", type=Path, help=".keras run/model, SavedModel folder or .tflite file")
