@@ -145,6 +145,7 @@ class PacsNode:
             from dicomweb_client.api import DICOMwebClient
 
             self.client = DICOMwebClient(config.dicomweb_url, timeout=config.timeout_s)
+            self.client.set_http_retry_params(retry=False)  # the node's loop backs off, not each request
         self._seen: dict[str, tuple[int, float]] = {}  # study -> (instance count, when it last changed)
         self._inbox_lock = threading.Lock()
         self._inbox_last: dict[str, float] = {}  # study -> when its last C-STORE arrived
