@@ -318,3 +318,24 @@ def test_cli_once(orthanc, tiny_run, tmp_path, capsys):
     assert main([*argv, "--once", "--settle", "0"]) == 0
     assert "graded" in capsys.readouterr().out
     assert main(["pacs", "--model", str(tiny_run), "--work", str(tmp_path)]) == 2
+
+
+def test_partial_c_store_study_waits_in_the_inbox_for_the_rest(predictor, studies, tmp_path):
+    study = studies[6]
+    uid = _study_uid(study)
+    inbox = tmp_path / "inbox" / uid
+    series = {
+        pydicom.dcmread(next(d.glob("*.dcm")), stop_before_pixels=True).SeriesDescription: d
+        for d in study.iterdir()
+    }
+    shutil.copytree(series["Axial T2"], inbox / series["Axial T2"].name)
+    node = _node(predictor, tmp_path, scp_port=_free_port())  # results into WORK/results (no PACS)
+    assert node.poll_inbox() == [] and inbox.is_dir()  # no sagittal series yet: kept, not graded
+    assert node.poll_inbox() == []  # unchanged: not tried again
+    for name, folder in series.items():
+        if name != "Axial T2":
+            shutil.copytree(folder, inbox / folder.name)
+    assert node.poll_inbox() == [uid]
+    assert not inbox.exists()
+    written = sorted(p.name.split("_")[0] for p in (tmp_path / "results" / uid).iterdir())
+    assert written == ["ot", "sr"]

@@ -292,10 +292,15 @@ class PacsNode:
             ready = [d for d in folders if now - self._inbox_last.get(d.name, 0.0) >= self.config.settle_s]
         for study_dir in ready:
             uid = _study_uid_of(study_dir) or study_dir.name
+            count = _count_files(study_dir)
             if self.state.done(uid):
                 log.info("study %s: already done by %s; received instances dropped", uid, self.model_key)
-            elif self._process(uid, study_dir, _count_files(study_dir)):
+            elif self.state.failed_at(uid) == count:
+                continue  # kept: the missing instances may still arrive
+            elif self._process(uid, study_dir, count):
                 done.append(uid)
+            else:
+                continue  # failed: kept in the inbox so that later instances complete it
             with self._inbox_lock:
                 shutil.rmtree(study_dir, ignore_errors=True)
                 self._inbox_last.pop(study_dir.name, None)
