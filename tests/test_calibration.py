@@ -97,3 +97,18 @@ def test_calibration_lowers_ece_on_held_out_phantoms(calibrated_run, tmp_path_fa
     assert after["expected_calibration_error"] < before["expected_calibration_error"]
     assert after["rsna_log_loss"] <= before["rsna_log_loss"] + 0.02  # noise on 8 studies
     assert metrics["rsna_log_loss"]["total"] == pytest.approx(after["rsna_log_loss"])
+
+
+def test_a_calibrated_run_loads_in_a_fresh_process(calibrated_run):
+    import subprocess
+    import sys
+
+    run, record = calibrated_run
+    code = (
+        "import sys; from lumbar_tf.runtime.keras_model import load_model; "
+        "from lumbar_tf.models.calibration import temperatures_of; "
+        "print(temperatures_of(load_model(sys.argv[1]).model.get_layer('grader')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert eval(out.stdout.strip()) == pytest.approx(tuple(record["temperatures"].values()))
