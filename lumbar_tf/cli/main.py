@@ -84,6 +84,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from lumbar_tf.training.calibration import calibrate_run
+
+    record = calibrate_run(args.model, args.data, cache_dir=args.cache)
+    before, after = record["uncalibrated"], record
+    temps = ", ".join(f"{group} {t:.2f}" for group, t in record["temperatures"].items())
+    print(f"temperatures: {temps} ({record['fitted_on']})")
+    for key in ("expected_calibration_error", "rsna_log_loss"):
+        print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
+    print(f"stored in {Path(args.model) / 'model.keras'}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from lumbar_tf.cli.predict import run_predict
 
@@ -109,6 +122,12 @@ def cmd_export(args) -> int:
     from lumbar_tf.export.job import run_export
 
     return run_export(args)
+
+
+def cmd_pacs(args) -> int:
+    from lumbar_tf.pacs.node import run_node
+
+    return run_node(args)
 
 
 def cmd_demo(args) -> int:
@@ -188,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser(
+        "calibrate", help="fit temperature scaling on the validation fold, store it in the model"
+    )
+    p.add_argument("--model", required=True, type=Path, help="run folder")
+    p.add_argument("--data", required=True, type=Path, help="the run's training data")
+    p.add_argument("--cache", type=Path)
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("predict", help="predict one study, a test folder, or through TF Serving")
     p.add_argument("--model", type=Path, help=".keras run/model, SavedModel folder or .tflite file")
     p.add_argument("--study", type=Path, help="one study folder")
@@ -199,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="lumbar_spine")
     p.add_argument("--metadata", type=Path, help="export metadata.json (preprocessing) for --server/--rest")
     p.add_argument("--heatmaps", action="store_true", help="also write the grid and per-disc overlay")
+    p.add_argument(
+        "--dicom-out", type=Path, help="also write the DICOM SR and overlay (with --study) for the PACS"
+    )
+    p.add_argument(
+        "--deidentify", action="store_true", help="--dicom-out files without identifiers (research copies)"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="heatmaps, Grad-CAM and an HTML report for one study")
@@ -232,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate int8 on synthesised phantoms when no training study is found",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pacs", help="a PACS node: poll DICOMweb and/or receive C-STORE, store SR + overlay")
+    p.add_argument("--model", required=True, type=Path, help="run folder, export or .tflite model")
+    p.add_argument("--work", required=True, type=Path, help="state file, C-STORE inbox, temporary fetches")
+    p.add_argument("--dicomweb", help="DICOMweb base URL, e.g. http://pacs:8042/dicom-web")
+    p.add_argument("--scp-port", type=int, help="serve C-STORE on this port")
+    p.add_argument("--aet", default="LUMBARTF", help="this node's AE title (default LUMBARTF)")
+    p.add_argument("--store-to", help="send results by C-STORE to AET@HOST:PORT (without --dicomweb)")
+    p.add_argument("--settle", type=float, default=60.0, help="seconds a study must be unchanged (60)")
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between polls (30)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.set_defaults(func=cmd_pacs)
 
     p = sub.add_parser("demo", help="synthesise, train, evaluate, export and explain on phantom data")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

@@ -1,6 +1,7 @@
 """`lumbar-tf predict`: one study or a test folder, with any runtime, to predictions.json / a submission.
 
     lumbar-tf predict --model RUN|model.keras|SAVED_MODEL|EXPORT|x.tflite --study DIR [--out OUT] [--heatmaps]
+        [--dicom-out DIR [--deidentify]]      # also the SR + overlay for the PACS (lumbar_tf.pacs)
     lumbar-tf predict --model ... --data TEST_FOLDER --submission submission.csv [--out OUT]
     lumbar-tf predict --server HOST:8500 | --rest http://HOST:8501 --metadata EXPORT/metadata.json --study DIR
 
@@ -47,6 +48,10 @@ def run_predict(args) -> int:
         raise UsageError("predict: give exactly one of --study DIR or --data DIR")
     if args.data and not args.submission:
         raise UsageError("predict: --data needs --submission FILE")
+    if (args.dicom_out or args.deidentify) and not args.study:
+        raise UsageError("predict: --dicom-out/--deidentify work with --study (one study)")
+    if args.deidentify and not args.dicom_out:
+        raise UsageError("predict: --deidentify needs --dicom-out DIR")
     if args.server and args.rest:
         raise UsageError("predict: give --server or --rest, not both")
     if not (args.server or args.rest) and args.model is None:
@@ -61,6 +66,11 @@ def run_predict(args) -> int:
             out = Path(args.out or "predictions")
             if heatmaps is not None:
                 heatmaps(result, out)
+            if args.dicom_out:
+                from lumbar_tf.pacs.results import write_dicom_results
+
+                for dicom_path in write_dicom_results(result, args.dicom_out, deidentify=args.deidentify):
+                    print(f"wrote {dicom_path}")
             path = predictions.write_predictions(out / PREDICTIONS_FILE, result.predictions)
             print("\n".join(predictions.summary_lines(result.predictions, path)))
         else:
