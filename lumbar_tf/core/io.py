@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lumbar_tf.core.contract import INTENDED_USE
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -96,3 +98,14 @@ def write_csv_atomic(path, header, rows) -> Path:
     for row in rows:
         writer.writerow([c if isinstance(c, (int, float)) else spreadsheet_safe(c) for c in row])
     return write_text_atomic(path, buffer.getvalue())
+
+
+# Only these text chunks go into a PNG: nothing from a DICOM header ever reaches a picture.
+PNG_METADATA = {"Software": "lumbar-tf", "Description": INTENDED_USE}
+
+
+def save_png(fig, path, dpi: int = 100) -> Path:
+    """Save a matplotlib Figure as PNG (atomically) with only `PNG_METADATA` as text chunks."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png", metadata=dict(PNG_METADATA), facecolor="white")
+    return write_bytes_atomic(path, buffer.getvalue())

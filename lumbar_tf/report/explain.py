@@ -44,8 +44,9 @@ from lumbar_tf.core import labels as L
 from lumbar_tf.core.config import PreprocessConfig, config_to_dict
 from lumbar_tf.core.contract import INTENDED_USE, PREDICTIONS_FILE
 from lumbar_tf.core.errors import ModelLoadError
+from lumbar_tf.core.io import save_png
 from lumbar_tf.dicom.reader import SAGITTAL_T1, SAGITTAL_T2
-from lumbar_tf.report.heatmaps import grade_prob_array, grade_scale, midline_image, save_png, write_heatmaps
+from lumbar_tf.report.heatmaps import grade_prob_array, grade_scale, midline_image, write_heatmaps
 
 TARGET_THRESHOLD = 1  # index into labels.THRESHOLDS: ">=2"
 REPORT_FILE = "report.html"

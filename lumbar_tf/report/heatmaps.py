@@ -25,6 +25,7 @@ import numpy as np
 
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.contract import INTENDED_USE
+from lumbar_tf.core.io import PNG_METADATA, save_png
 from lumbar_tf.preprocess import prepared_slices
 from lumbar_tf.runtime.predictions import grade_scale  # what a cell's grade indexes
 
@@ -47,8 +48,6 @@ CONDITION_LABELS = {
     "left_subarticular_stenosis": "left subarticular\nstenosis",
     "right_subarticular_stenosis": "right subarticular\nstenosis",
 }
-# Only these text chunks go into a PNG (matplotlib would otherwise add its own Software line).
-PNG_METADATA = {"Software": "lumbar-tf", "Description": INTENDED_USE}
 # The overlay is drawn at about this many pixels on its longer side, so markers stay round and crisp.
 OVERLAY_SIZE = 768
 
@@ -178,14 +177,6 @@ def render_levels_overlay(
 
 
 # === Figures ===
-
-
-def save_png(fig, path, dpi: int = 100) -> Path:
-    """Save a matplotlib Figure as PNG with only `PNG_METADATA` as text chunks."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", metadata=dict(PNG_METADATA), facecolor="white")
-    return path
 
 
 def _text_colour(rgb) -> str:

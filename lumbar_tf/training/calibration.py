@@ -169,7 +169,7 @@ def reliability_figure(curves: dict, title: str):
 
 
 def save_reliability(path, threshold_probs, grades, temperatures=None, title="") -> Path:
-    from lumbar_tf.report.heatmaps import save_png
+    from lumbar_tf.core.io import save_png
 
     curves = {}
     if temperatures is not None:
