@@ -34,11 +34,27 @@ def cmd_prepare(args) -> int:
     from lumbar_tf.data.dataset import prepare_cache
 
     cfg = load_config(args.config, args.overrides)
-    manifest = prepare_cache(args.data, args.out, cfg.preprocess, workers=args.workers)
+    if args.runner == "pool":
+        manifest = prepare_cache(args.data, args.out, cfg.preprocess, workers=args.workers)
+    else:
+        from lumbar_tf.data.beam_prepare import pipeline_options, prepare_cache_beam
+
+        options = pipeline_options(args.runner, _beam_options(args), args.beam_arg)
+        manifest = prepare_cache_beam(args.data, args.out, cfg.preprocess, options)
     print(f"cached {len(manifest['study_ids'])} studies in {args.out}; skipped {len(manifest['skipped'])}")
     for sid, reason in manifest["skipped"].items():
         print(f"  skipped {sid}: {reason}")
     return 0
+
+
+def _beam_options(args) -> dict:
+    named = {
+        k: getattr(args, k)
+        for k in ("project", "region", "temp_location", "flink_master", "spark_master_url")
+    }
+    if args.runner == "direct" and args.workers and args.workers > 1:
+        named.update(direct_running_mode="multi_processing", direct_num_workers=args.workers)
+    return named
 
 
 def cmd_picture(args) -> int:
@@ -132,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--config", type=Path)
     p.add_argument("--workers", type=int, help="decoding processes (default: one per core; 1: no pool)")
+    p.add_argument(
+        "--runner",
+        choices=("pool", "direct", "prism", "dataflow", "flink", "spark"),
+        default="pool",
+        help="pool: a process pool on this machine (default); else an Apache Beam runner (extra [beam])",
+    )
+    p.add_argument("--project", help="Dataflow: Google Cloud project")
+    p.add_argument("--region", help="Dataflow: region")
+    p.add_argument("--temp-location", help="Dataflow: gs:// folder for temporary files")
+    p.add_argument("--flink-master", help="Flink: HOST:PORT of the JobManager")
+    p.add_argument("--spark-master-url", help="Spark: spark://HOST:7077")
+    p.add_argument(
+        "--beam-arg",
+        action="append",
+        default=[],
+        help="any other Beam pipeline option, e.g. --beam-arg=--num_workers=20",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=cmd_prepare)
 
