@@ -101,6 +101,15 @@ def cmd_predict(args) -> int:
     return run_predict(args)
 
 
+def cmd_serving_status(args) -> int:
+    from lumbar_tf.runtime.serving.grpc import GrpcClient
+    from lumbar_tf.runtime.serving.status import serving_status, status_lines
+
+    with GrpcClient(args.server, model_name=args.model_name, timeout_s=args.timeout) as client:
+        print("\n".join(status_lines(serving_status(client))))
+    return 0
+
+
 def cmd_explain(args) -> int:
     from lumbar_tf.report.explain import explain_study
 
@@ -221,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", action="store_true", help="also write the grid and per-disc overlay")
     _add_runner_flags(p, "local", "one study after another in this process (with --data)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serving-status", help="is the model served? the version TF Serving answers with")
+    p.add_argument("--server", required=True, help="TF Serving gRPC address HOST:8500")
+    p.add_argument("--model-name", default="lumbar_spine")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    p.set_defaults(func=cmd_serving_status)
 
     p = sub.add_parser("explain", help="heatmaps, Grad-CAM and an HTML report for one study")
     p.add_argument("--model", required=True, type=Path)
