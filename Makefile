@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_out
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet -e '.[dev,edge,pacs]'
+	$(BIN)/pip install --quiet -e '.[dev,edge,pacs,beam]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -42,11 +42,30 @@ def cmd_prepare(args) -> int:
     from lumbar_tf.data.dataset import prepare_cache
 
     cfg = load_config(args.config, args.overrides)
-    manifest = prepare_cache(args.data, args.out, cfg.preprocess, workers=args.workers)
+    if args.runner == "pool":
+        manifest = prepare_cache(args.data, args.out, cfg.preprocess, workers=args.workers)
+    else:
+        from lumbar_tf.data.beam_prepare import prepare_cache_beam
+
+        manifest = prepare_cache_beam(args.data, args.out, cfg.preprocess, beam_options(args))
     print(f"cached {len(manifest['study_ids'])} studies in {args.out}; skipped {len(manifest['skipped'])}")
     for sid, reason in manifest["skipped"].items():
         print(f"  skipped {sid}: {reason}")
     return 0
+
+
+def beam_options(args):
+    """Beam pipeline options from the ``--runner`` flags (`_add_runner_flags`)."""
+    from lumbar_tf.data.beam_prepare import pipeline_options
+
+    named = {
+        k: getattr(args, k)
+        for k in ("project", "region", "temp_location", "flink_master", "spark_master_url")
+    }
+    workers = getattr(args, "workers", None)
+    if args.runner == "direct" and workers and workers > 1:
+        named.update(direct_running_mode="multi_processing", direct_num_workers=workers)
+    return pipeline_options(args.runner, named, args.beam_arg)
 
 
 def cmd_picture(args) -> int:
@@ -103,6 +122,15 @@ def cmd_predict(args) -> int:
     return run_predict(args)
 
 
+def cmd_serving_status(args) -> int:
+    from lumbar_tf.runtime.serving.grpc import GrpcClient
+    from lumbar_tf.runtime.serving.status import serving_status, status_lines
+
+    with GrpcClient(args.server, model_name=args.model_name, timeout_s=args.timeout) as client:
+        print("\n".join(status_lines(serving_status(client))))
+    return 0
+
+
 def cmd_explain(args) -> int:
     from lumbar_tf.report.explain import explain_study
 
@@ -139,6 +167,26 @@ def cmd_demo(args) -> int:
 # === Parser ===
 
 
+def _add_runner_flags(p, local: str, local_help: str) -> None:
+    p.add_argument(
+        "--runner",
+        choices=(local, "direct", "prism", "dataflow", "flink", "spark"),
+        default=local,
+        help=f"{local}: {local_help} (default); else an Apache Beam runner (extra [beam])",
+    )
+    p.add_argument("--project", help="Dataflow: Google Cloud project")
+    p.add_argument("--region", help="Dataflow: region")
+    p.add_argument("--temp-location", help="Dataflow: gs:// folder for temporary files")
+    p.add_argument("--flink-master", help="Flink: HOST:PORT of the JobManager")
+    p.add_argument("--spark-master-url", help="Spark: spark://HOST:7077")
+    p.add_argument(
+        "--beam-arg",
+        action="append",
+        default=[],
+        help="any other Beam pipeline option, e.g. --beam-arg=--num_workers=20",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lumbar-tf",
@@ -171,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--config", type=Path)
     p.add_argument("--workers", type=int, help="decoding processes (default: one per core; 1: no pool)")
+    _add_runner_flags(p, "pool", "a process pool on this machine")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=cmd_prepare)
 
@@ -232,7 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--deidentify", action="store_true", help="--dicom-out files without identifiers (research copies)"
     )
+    _add_runner_flags(p, "local", "one study after another in this process (with --data)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serving-status", help="is the model served? the version TF Serving answers with")
+    p.add_argument("--server", required=True, help="TF Serving gRPC address HOST:8500")
+    p.add_argument("--model-name", default="lumbar_spine")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    p.set_defaults(func=cmd_serving_status)
 
     p = sub.add_parser("explain", help="heatmaps, Grad-CAM and an HTML report for one study")
     p.add_argument("--model", required=True, type=Path)

@@ -18,6 +18,7 @@ from pathlib import Path
 from lumbar_tf.core.contract import INTENDED_USE, PREDICTIONS_FILE
 from lumbar_tf.core.errors import UsageError
 from lumbar_tf.runtime import predictions
+from lumbar_tf.runtime.batch import report_path
 from lumbar_tf.runtime.predictor import predict_study
 
 
@@ -42,6 +43,36 @@ def _predictor(args):
     return load_predictor(args.model)
 
 
+def _report_lines(report, submission) -> list[str]:
+    lines = [
+        f"predicted {report['n_predicted']} of {report['n_studies']} studies; "
+        f"{report['n_from_prior']} from the training prior, {report['n_refused']} refused; "
+        f"submission: {submission} ({report['n_rows']} rows); report: {report_path(submission)}"
+    ]
+    lines += [f"  warning: study {sid}: {reason}" for sid, reason in report["from_prior"].items()]
+    warnings = report["n_from_prior"] + report["n_refused"]
+    if warnings:
+        lines.append(f"{warnings} warning(s)")
+    return lines
+
+
+def _run_beam(args) -> int:
+    """``predict --data --submission --runner BEAM_RUNNER``: `runtime.beam_predict`."""
+    if not args.data or args.server or args.rest or args.heatmaps:
+        raise UsageError(
+            f"predict --runner {args.runner}",
+            "needs --model, --data and --submission (not --server, --rest or --heatmaps)",
+        )
+    from lumbar_tf.cli.main import beam_options
+    from lumbar_tf.runtime.beam_predict import predict_folder_beam
+
+    options = beam_options(args)
+    report = predict_folder_beam(args.model, args.data, args.submission, args.out, options=options)
+    print("\n".join(_report_lines(report, args.submission)))
+    print(INTENDED_USE)
+    return 0
+
+
 def run_predict(args) -> int:
     """``lumbar-tf predict`` (options: `lumbar_tf.cli.main.build_parser`)."""
     if bool(args.study) == bool(args.data):
@@ -56,6 +87,8 @@ def run_predict(args) -> int:
         raise UsageError("predict: give --server or --rest, not both")
     if not (args.server or args.rest) and args.model is None:
         raise UsageError("predict: --model is required (or --server/--rest with --metadata)")
+    if getattr(args, "runner", "local") != "local":
+        return _run_beam(args)
     predictor = _predictor(args)
     heatmaps = None
     if args.heatmaps:
@@ -74,20 +107,10 @@ def run_predict(args) -> int:
             path = predictions.write_predictions(out / PREDICTIONS_FILE, result.predictions)
             print("\n".join(predictions.summary_lines(result.predictions, path)))
         else:
-            from lumbar_tf.runtime.batch import predict_folder, report_path
+            from lumbar_tf.runtime.batch import predict_folder
 
             report = predict_folder(predictor, args.data, args.submission, args.out, on_result=heatmaps)
-            print(
-                f"predicted {report['n_predicted']} of {report['n_studies']} studies; "
-                f"{report['n_from_prior']} from the training prior, {report['n_refused']} refused; "
-                f"submission: {args.submission} ({report['n_rows']} rows); "
-                f"report: {report_path(args.submission)}"
-            )
-            for study_id, reason in report["from_prior"].items():
-                print(f"  warning: study {study_id}: {reason}")
-            warnings = report["n_from_prior"] + report["n_refused"]
-            if warnings:
-                print(f"{warnings} warning(s)")
+            print("\n".join(_report_lines(report, args.submission)))
     finally:
         close = getattr(predictor, "close", None)
         if close is not None:

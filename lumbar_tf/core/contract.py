@@ -12,6 +12,7 @@ DEFAULT_MODEL_NAME = "lumbar_spine"
 
 # SavedModel (TF Serving): one request per study.
 SERVING_SIGNATURE = "serving_default"
+SERVING_WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"  # inside each SavedModel version
 OUTPUT_SPECS = {
     "grade_probs": ([None, 5, 5, 4], "P(grade) per (condition, level): none, mild, moderate, severe"),
     "threshold_probs": ([None, 5, 5, 3], "P(grade>=1), P(grade>=2), P(grade>=3) per (condition, level)"),

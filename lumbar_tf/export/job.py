@@ -205,6 +205,9 @@ def export_model(
                 f"{loaded.path}: the SavedModel differs from the Keras model by {max(diffs.values()):.2e}"
             )
         report["saved_model"] = {"max_abs_diff": diffs}
+        from lumbar_tf.export.warmup import write_warmup_requests
+
+        report["saved_model"]["warmup"] = write_warmup_requests(staging, views, name)
 
         # 3. TFLite variants (two signatures), checked against Keras on the same studies.
         tflite_files: dict[str, Path] = {}

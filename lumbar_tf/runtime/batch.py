@@ -149,6 +149,12 @@ def predict_folder(
         if result.predictions["warnings"]:
             warnings[study_id] = list(result.predictions["warnings"])
     bar.close()
+    return write_batch_outputs(predictor, submission, study_ids, rows, done, from_prior, refused, warnings)
+
+
+def write_batch_outputs(predictor, submission, study_ids, rows, done, from_prior, refused, warnings) -> dict:
+    """Write the submission and its report (`report_path`) and return the report; shared by
+    `predict_folder` and `runtime.beam_predict`."""
     for name, reason in sorted(refused.items()):
         print(f"warning: study {name!r}: {reason}", file=sys.stderr)
     predictions.write_submission(submission, rows)

@@ -121,16 +121,24 @@ def predict_study(
             series_descriptions = descriptions_for_study(study_dir)
         study = read_study(study_dir, series_descriptions)
     views, grid, info, warnings = preprocess.build_views(study, cfg)
-    warnings = list(warnings)
     batch = {name: np.asarray(views[name])[None] for name in cfg.view_names}
     outputs = {k: np.asarray(v) for k, v in predictor.predict_views(batch).items()}
     _check_outputs(outputs, predictor)
-    threshold_probs = outputs["threshold_probs"][0]
+    return study_result(predictor, study, (views, grid, info, warnings), outputs, study_id=study_id)
+
+
+def study_result(predictor, study: Study, built: tuple, outputs: dict, *, study_id=None) -> StudyResult:
+    """predictions.json from the model's ``outputs`` (batch of one) for views ``built`` by
+    `preprocess.build_views`; `predict_study`'s second half, for callers that batch studies
+    (`runtime.beam_predict`). ``predictor`` needs only ``preprocess``, ``fine_grades``, ``model_info``."""
+    cfg = predictor.preprocess
+    views, grid, info, warnings = built
+    warnings = list(warnings)
     level_xy = outputs["level_xy"][0]
     positions = predictions.level_positions_from_views(study, grid, info, level_xy, cfg, warnings)
     preds = predictions.build_predictions(
         study_id if study_id is not None else study.study_id,
-        threshold_probs,
+        outputs["threshold_probs"][0],
         level_xy,
         model_info=predictor.model_info(),
         level_positions=positions,

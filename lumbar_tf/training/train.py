@@ -37,6 +37,7 @@ from lumbar_tf.data.dataset import (
     prepare_cache,
     split_folds,
 )
+from lumbar_tf.training import multiworker
 
 FINISHED = "finished.json"
 
@@ -67,17 +68,9 @@ def configure_precision(setting: str) -> str:
 
 
 def distribution_scope():
-    """MirroredStrategy scope with several GPUs (TensorFlow backend), else a no-op scope."""
-    import contextlib
-
-    import keras
-
-    if keras.config.backend() == "tensorflow":
-        import tensorflow as tf
-
-        if len(tf.config.list_physical_devices("GPU")) > 1:
-            return tf.distribute.MirroredStrategy().scope()
-    return contextlib.nullcontext()
+    """MultiWorkerMirroredStrategy with ``TF_CONFIG``, MirroredStrategy with several GPUs (TensorFlow
+    backend), else a no-op scope (`training.multiworker`)."""
+    return multiworker.scope()
 
 
 def make_optimizer(stage, steps_per_epoch: int):
@@ -102,6 +95,7 @@ def make_callbacks(run: Path, name: str, stage, extra=()):
 
     (run / "history").mkdir(parents=True, exist_ok=True)
     return [
+        *multiworker.callbacks(),  # before the checkpoints: they must save what every worker holds
         keras.callbacks.BackupAndRestore(str(run / "backup" / name), save_freq="epoch"),
         keras.callbacks.ModelCheckpoint(str(run / f"{name}.keras"), monitor="val_loss", save_best_only=True),
         keras.callbacks.EarlyStopping(
@@ -264,7 +258,8 @@ def train(
     """Train into ``run_dir``; returns the run folder."""
     import keras
 
-    run = Path(run_dir)
+    multiworker.setup(Path(run_dir), cache_dir)  # before any TensorFlow op
+    run = multiworker.write_folder(Path(run_dir), cache_dir)  # non-chief workers: a private copy
     _prepare_run_folder(run, resume, overwrite)
     overrides = list(overrides)
     if weights is not None:
@@ -341,4 +336,4 @@ def train(
         summary["data_dir"] = str(Path(data_dir).resolve())
         write_json_atomic(run / FINISHED, summary)
     shutil.rmtree(run / "backup", ignore_errors=True)
-    return run
+    return multiworker.finish(run, Path(run_dir))

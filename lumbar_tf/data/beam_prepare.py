@@ -1,0 +1,160 @@
+"""`prepare_cache` as an Apache Beam pipeline, for archives too big for one machine.
+
+The pipeline runs the pool's own per-study task (`dataset._prepare_task`: decode, build views,
+level points) and serialiser (`dataset._serialize`), writes the same ``shard-NNN.tfrecord`` files,
+and this driver writes the same manifest and skipped-studies report once the pipeline is done, so
+training cannot tell the two apart. apache-beam is an optional extra (``pip install lumbar-tf[beam]``).
+
+The data and cache folders must be paths every Beam worker can open (a local disk for ``direct``;
+a shared file system such as NFS/Filestore mounted at the same path on every Dataflow, Flink or
+Spark worker): pydicom reads the study files directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lumbar_tf.core.config import PreprocessConfig, config_to_dict
+from lumbar_tf.core.errors import ConfigError, DatasetError, UsageError
+from lumbar_tf.core.ids import study_sort_key
+from lumbar_tf.core.io import write_json_atomic
+from lumbar_tf.data import dataset
+
+RUNNERS = {
+    "direct": "DirectRunner",
+    "prism": "PrismRunner",
+    "dataflow": "DataflowRunner",
+    "flink": "FlinkRunner",
+    "spark": "SparkRunner",
+}
+# What a cluster runner cannot start without (Beam's own defaults would try to start a local
+# cluster or fail deep inside job submission).
+REQUIRED_OPTIONS = {
+    "dataflow": ("project", "region", "temp_location"),
+    "flink": ("flink_master",),
+    "spark": ("spark_master_url",),
+}
+_STATUS = ".beam_status"
+
+
+def pipeline_options(runner: str, options: dict | None = None, extra_args: list[str] | None = None):
+    """Beam `PipelineOptions` for ``runner`` from named options (``None`` values dropped) and raw
+    ``--flag=value`` arguments; a cluster runner without its required options is a `UsageError`."""
+    if runner not in RUNNERS:
+        raise UsageError(f"--runner {runner}", f"unknown runner (one of {', '.join(RUNNERS)})")
+    given = {k: v for k, v in (options or {}).items() if v not in (None, "")}
+    flags = [f"--{k}={v}" for k, v in given.items()] + list(extra_args or [])
+    named = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in flags if arg.startswith("--")}
+    missing = [k for k in REQUIRED_OPTIONS.get(runner, ()) if k not in named]
+    if missing:
+        raise UsageError(
+            f"--runner {runner}", "missing " + ", ".join("--" + k.replace("_", "-") for k in missing)
+        )
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise ConfigError(
+            f"--runner {runner}", "apache-beam is not installed (pip install 'lumbar-tf[beam]')"
+        ) from None
+    return PipelineOptions([f"--runner={RUNNERS[runner]}", *flags])
+
+
+def select_studies(index: dataset.DatasetIndex, split: str, study_ids=None) -> tuple[list[str], dict]:
+    """``(to decode, skipped with reasons)``: the same choice `dataset.prepare_cache` makes."""
+    wanted = (
+        study_ids
+        if study_ids is not None
+        else sorted(
+            {p.name for p in index.images_dir.iterdir() if p.is_dir()} | set(index.studies),
+            key=study_sort_key,
+        )
+    )
+    skipped: dict[str, str] = {}
+    todo = []
+    for sid in wanted:
+        if sid in index.problems:
+            skipped[sid] = index.problems[sid]
+        elif split == "train" and sid not in index.studies:
+            skipped[sid] = f"{sid}: no row in {split}.csv"
+        else:
+            todo.append(sid)
+    for sid, reason in index.problems.items():
+        skipped.setdefault(sid, reason)
+    return todo, skipped
+
+
+def _status(result) -> str:
+    sid, record, error = result
+    return json.dumps({"study_id": sid, "error": error, "warnings": record["warnings"] if record else []})
+
+
+def prepare_cache_beam(
+    data_dir,
+    cache_dir,
+    cfg: PreprocessConfig,
+    options,
+    *,
+    split: str = "train",
+    shards: int = 8,
+    study_ids: list[str] | None = None,
+) -> dict:
+    """Decode every study on a Beam runner (``options``: see `pipeline_options`) and write the cache
+    `dataset.prepare_cache` would write; returns the manifest."""
+    import apache_beam as beam
+    from apache_beam.io.tfrecordio import WriteToTFRecord
+
+    index = dataset.read_index(data_dir, split)
+    todo, skipped = select_studies(index, split, study_ids)
+    if not todo:
+        raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped)")
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    for stale in [*cache.glob("shard-*.tfrecord"), *cache.glob(_STATUS + "*")]:
+        stale.unlink()
+    view_names = cfg.view_names
+    n_shards = max(1, min(shards, len(todo)))
+    tasks = [
+        (index.images_dir, index.studies.get(sid), sid, index.descriptions.get(sid, {}), cfg, None)
+        for sid in todo
+    ]
+    with beam.Pipeline(options=options) as pipeline:
+        results = pipeline | "Studies" >> beam.Create(tasks) | "Decode" >> beam.Map(dataset._prepare_task)
+        (
+            results
+            | "Kept" >> beam.Filter(lambda r: r[2] is None)
+            | "Serialize" >> beam.Map(lambda r: dataset._serialize(r[1], view_names))
+            | "WriteShards"
+            >> WriteToTFRecord(
+                str(cache / "shard"),
+                file_name_suffix=".tfrecord",
+                num_shards=n_shards,
+                shard_name_template="-SSS",
+            )
+        )
+        results | "Status" >> beam.Map(_status) | "WriteStatus" >> beam.io.WriteToText(str(cache / _STATUS))
+
+    outcome = {}
+    for path in sorted(cache.glob(_STATUS + "*")):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            outcome[entry["study_id"]] = entry
+        path.unlink()
+    kept = [sid for sid in todo if outcome[sid]["error"] is None]
+    skipped.update({sid: outcome[sid]["error"] for sid in todo if outcome[sid]["error"] is not None})
+    if not kept:
+        raise DatasetError(
+            f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / dataset.SKIPPED})"
+        )
+    dataset._write_skipped(cache / dataset.SKIPPED, skipped)
+    manifest = {
+        "split": split,
+        "study_ids": kept,
+        "n_shards": n_shards,
+        "view_names": list(view_names),
+        "preprocess": config_to_dict(cfg),
+        "skipped": skipped,
+        "warnings": {sid: outcome[sid]["warnings"] for sid in kept if outcome[sid]["warnings"]},
+    }
+    write_json_atomic(cache / dataset.MANIFEST, manifest)
+    return manifest
