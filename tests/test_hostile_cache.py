@@ -28,16 +28,20 @@ def _skipped_csv(cache: Path) -> dict[str, str]:
         return {r["study_id"]: r["reason"] for r in csv.DictReader(handle)}
 
 
-@pytest.fixture
-def few_studies(phantom_dir, tmp_path):
-    """Three phantom studies (a copy that tests may damage)."""
+def _copy_studies(phantom_dir, tmp_path, n: int):
+    """The first ``n`` phantom studies (a copy that tests may damage)."""
     root = tmp_path / "data"
     shutil.copytree(phantom_dir, root)
-    keep = read_index(root).study_ids[:3]
+    keep = read_index(root).study_ids[:n]
     for folder in (root / "train_images").iterdir():
         if folder.name not in keep:
             shutil.rmtree(folder)
     return root, keep
+
+
+@pytest.fixture
+def few_studies(phantom_dir, tmp_path):
+    return _copy_studies(phantom_dir, tmp_path, 3)
 
 
 def test_any_exception_of_one_study_is_recorded_and_the_batch_goes_on(
@@ -170,3 +174,47 @@ def test_a_killed_re_prepare_leaves_the_old_cache_whole(
         assert (after["views"][name] == before["views"][name]).all()
     listed = {e["file"] for e in json.loads(now)["shards"]}
     assert {p.name for p in cache.glob("shard-*.tfrecord")} == listed
+
+
+def test_prepare_cli_goes_on_past_bombs_and_links(phantom_dir, tmp_path):
+    """`lumbar-tf prepare` over a deflate bomb, a bad frame count and a study folder linked out of
+    the data: exit 0, each named with its file in skipped_studies.csv, the intact study cached."""
+    from tests import hostile_files as H
+    from tests.conftest import TINY_OVERRIDES
+
+    root, ids = _copy_studies(phantom_dir, tmp_path, 4)
+    extra = tmp_path / "outside" / "4242"
+    shutil.copytree(root / "train_images" / ids[2], extra)
+    images = root / "train_images"
+    with open(root / "train_series_descriptions.csv", newline="") as handle:
+        sag_t2 = {
+            r["study_id"]: r["series_id"]
+            for r in csv.DictReader(handle)
+            if r["series_description"] == "Sagittal T2/STIR"
+        }
+    bomb = H.deflate_bomb(images / ids[0] / sag_t2[ids[0]] / "9001.dcm", 256 * 2**20)
+    sag = images / ids[1] / sag_t2[ids[1]]
+    frames = H.with_raw_value(next(iter(sorted(sag.glob("*.dcm")))), 0x00280008, "IS", b"2.5 ")
+    linked = ids[2]
+    shutil.rmtree(images / linked)
+    (images / linked).symlink_to(extra, target_is_directory=True)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lumbar_tf.cli.main", "prepare", "--data", str(root), "--out", str(cache)]
+        + ["--workers", "2", *TINY_OVERRIDES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reported = _skipped_csv(cache)
+    assert reported[ids[0]] == f"{bomb}: deflated data set inflates past the 128.0 MiB limit"
+    assert reported[ids[1]] == f"{frames}: bad NumberOfFrames value '2.5' (expected an integer)"
+    assert (
+        reported[linked]
+        == f"{images / linked}: study folder is a link that leaves the images folder; refused"
+    )
+    assert json.loads((cache / "manifest.json").read_text())["study_ids"] == [ids[3]]
+    assert f"cached 1 studies in {cache}" in proc.stdout

@@ -353,9 +353,13 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
     )
     skipped: dict[str, str] = {}
     todo = []
+    images_root = index.images_dir.resolve()
     for sid in wanted:
+        folder = index.images_dir / str(sid)
         if sid in index.problems:
             skipped[sid] = index.problems[sid]
+        elif folder.is_symlink() and images_root not in folder.resolve().parents:
+            skipped[sid] = f"{folder}: study folder is a link that leaves the images folder; refused"
         elif split == "train" and sid not in index.studies:
             skipped[sid] = f"{sid}: no row in {split}.csv"
         else:
