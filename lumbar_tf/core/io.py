@@ -84,8 +84,9 @@ def spreadsheet_safe(cell) -> str:
         try:
             float(text)
         except ValueError:
-            return "'" + text
-    return text
+            text = "'" + text
+    # A bare CR is not quoted by the csv writer (our line end is LF) and would split the row.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def write_csv_atomic(path, header, rows) -> Path:

@@ -54,14 +54,26 @@ class DatasetIndex:
         return sorted(self.studies, key=int)
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of every data row; a UTF-8 BOM (Excel) and CRLF line ends are fine."""
     try:
-        with open(path, newline="") as handle:
-            return list(csv.DictReader(handle))
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            return [(reader.line_num, row) for row in reader]
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not a valid CSV ({exc})") from None
+
+
+def _refuse_duplicates(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """One row per study in the label files: a second one would silently replace the first."""
+    first: dict[str, int] = {}
+    for line, row in rows:
+        sid = str(row.get("study_id", "")).strip()
+        if sid in first:
+            raise DatasetError(f"{path}: study_id {sid} appears twice (lines {first[sid]} and {line})")
+        first[sid] = line
 
 
 def _grades_from_row(row: dict, parse, path: Path) -> np.ndarray:
@@ -101,7 +113,9 @@ def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
     grades_path = root / f"{split}_grades.csv"
     coords_path = root / f"{split}_label_coordinates.csv"
     if label_path.exists():
-        for row in _read_csv(label_path):
+        rows = _read_csv(label_path)
+        _refuse_duplicates(label_path, rows)
+        for _, row in rows:
             raw_id = str(row.get("study_id", ""))
             try:
                 sid = check_study_id(raw_id, label_path.name)
@@ -111,7 +125,9 @@ def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
             except DatasetError as exc:
                 add_problem(raw_id, str(exc))
     if grades_path.exists():
-        for row in _read_csv(grades_path):
+        rows = _read_csv(grades_path)
+        _refuse_duplicates(grades_path, rows)
+        for _, row in rows:
             raw_id = str(row.get("study_id", ""))
             try:
                 sid = check_study_id(raw_id, grades_path.name)
@@ -122,7 +138,7 @@ def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
             # The seed's fine grades win over the RSNA strings where the study has them.
             studies[sid] = StudyLabels(sid, fine, True)
     if coords_path.exists():
-        for row in _read_csv(coords_path):
+        for _, row in _read_csv(coords_path):
             raw_id = str(row.get("study_id", ""))
             try:
                 sid = check_study_id(raw_id, coords_path.name)

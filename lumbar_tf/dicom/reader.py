@@ -41,7 +41,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from lumbar_tf.core.errors import DicomError
+from lumbar_tf.core.errors import DicomError, one_line
 from lumbar_tf.dicom.header_scan import WANTED_KEYWORDS, ScannedHeader, scan_header
 
 SAGITTAL_T1 = "Sagittal T1"
@@ -961,7 +961,7 @@ def read_series_descriptions(csv_path: str | Path) -> dict[str, dict[str, str]]:
     """``train_series_descriptions.csv`` -> ``{study_id: {series_id: description}}``."""
     csv_path = Path(csv_path)
     try:
-        with open(csv_path, newline="") as fh:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # Excel's BOM, CRLF: fine
             reader = csv.DictReader(fh)
             needed = {"study_id", "series_id", "series_description"}
             missing = needed - set(reader.fieldnames or ())
@@ -975,6 +975,8 @@ def read_series_descriptions(csv_path: str | Path) -> dict[str, dict[str, str]]:
                 out.setdefault(study, {})[series] = str(row["series_description"]).strip()
     except OSError as exc:
         raise DicomError(csv_path, f"cannot read ({exc.strerror or exc})") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DicomError(csv_path, f"not a valid CSV ({one_line(exc)})") from None
     return out
 
 
