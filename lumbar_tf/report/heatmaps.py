@@ -24,6 +24,7 @@ import numpy as np
 
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.contract import INTENDED_USE
+from lumbar_tf.core.io import write_bytes_atomic
 from lumbar_tf.preprocess import prepared_slices
 
 GRID_FILE = "grid.png"
@@ -171,10 +172,11 @@ def render_levels_overlay(
 
 def save_png(fig, path, dpi: int = 100) -> Path:
     """Save a matplotlib Figure as PNG with only `PNG_METADATA` as text chunks."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", metadata=dict(PNG_METADATA), facecolor="white")
-    return path
+    import io
+
+    buffer = io.BytesIO()  # rendered first, then written atomically: a full disk leaves no 0-byte PNG
+    fig.savefig(buffer, dpi=dpi, format="png", metadata=dict(PNG_METADATA), facecolor="white")
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def _text_colour(rgb) -> str:
