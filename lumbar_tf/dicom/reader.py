@@ -101,6 +101,12 @@ def set_read_limits(limits: ReadLimits) -> ReadLimits:
     return previous
 
 
+def _why(exc: BaseException) -> str:
+    """A library's exception in one line (pydicom's plugin errors run over several)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
@@ -348,7 +354,7 @@ def _read_dataset_header(path: Path):
     except OSError as exc:
         raise DicomError(path, f"cannot read file ({exc.strerror or exc})") from None
     except Exception as exc:  # pydicom raises many kinds on corrupt input
-        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"truncated or corrupt DICOM ({_why(exc)})") from None
     for w in caught:
         if "end of file" in str(w.message).lower():
             raise DicomError(path, f"truncated DICOM ({w.message})")
@@ -365,7 +371,7 @@ def _read_dataset_header(path: Path):
     except DicomError:
         raise
     except Exception as exc:  # pydicom converts values lazily: a corrupt one fails here
-        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"truncated or corrupt DICOM ({_why(exc)})") from None
     return ds
 
 
@@ -377,7 +383,7 @@ def _tags_by_pydicom(path: Path) -> dict:
     try:
         return {keyword: ds.get(keyword) for keyword in WANTED_KEYWORDS}
     except Exception as exc:  # pydicom raises many kinds on corrupt values
-        raise DicomError(path, f"corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"corrupt DICOM ({_why(exc)})") from None
 
 
 def _check_deflate_stream(fp, meta, path: Path) -> None:
@@ -396,7 +402,7 @@ def _check_deflate_stream(fp, meta, path: Path) -> None:
             if total > cap:
                 raise DicomError(path, f"deflated data set inflates past the {_mib(cap)} limit")
     except zlib.error as exc:
-        raise DicomError(path, f"corrupt deflated data set ({exc})") from None
+        raise DicomError(path, f"corrupt deflated data set ({_why(exc)})") from None
     if not inflater.eof:
         raise DicomError(path, "truncated DICOM (deflated data set cut short)")
 
@@ -680,7 +686,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
     except InvalidDicomError:
         raise DicomError(path, "not a DICOM file (no DICM preamble)") from None
     except Exception as exc:
-        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"truncated or corrupt DICOM ({_why(exc)})") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DicomError(path, "no pixel data")
     try:
@@ -688,7 +694,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
     except Exception as exc:
         ts = ds.file_meta.get("TransferSyntaxUID", "?")
         name = getattr(ts, "name", ts)
-        raise DicomError(path, f"cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None
+        raise DicomError(path, f"cannot decode pixel data ({name}): {_why(exc)}") from None
     if arr.shape != (header.rows, header.cols):
         raise DicomError(path, f"decoded shape {arr.shape} != {(header.rows, header.cols)}")
     try:
@@ -702,7 +708,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
     except DicomError:
         raise
     except Exception as exc:  # a corrupt rescale or LUT value
-        raise DicomError(path, f"corrupt modality LUT ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"corrupt modality LUT ({_why(exc)})") from None
 
 
 def decode_instance(header: SliceHeader) -> np.ndarray:
