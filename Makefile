@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench fuzz clean
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
+
+# Coverage-guided fuzzing of the DICOM reader, preprocessing and the CSV index (tests/fuzz/README.md).
+SECONDS ?= 300
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz.fuzz_inputs -max_total_time=$(SECONDS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -317,8 +317,11 @@ class RunningGrpcServer:
 
 
 @contextlib.contextmanager
-def grpc_server(base_paths: dict, *, repository: ModelRepository | None = None, **service_options):
-    """Serve ``{model name: base path}`` over gRPC on 127.0.0.1 (free port); yields `RunningGrpcServer`."""
+def grpc_server(
+    base_paths: dict, *, repository: ModelRepository | None = None, port: int = 0, **service_options
+):
+    """Serve ``{model name: base path}`` over gRPC on 127.0.0.1 (``port``, default a free one);
+    yields `RunningGrpcServer`."""
     repository = repository or ModelRepository(base_paths)
     service = FakePredictionService(repository, **service_options)
     server = grpc.server(
@@ -326,7 +329,7 @@ def grpc_server(base_paths: dict, *, repository: ModelRepository | None = None, 
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     try:
         yield RunningGrpcServer(f"127.0.0.1:{port}", service)

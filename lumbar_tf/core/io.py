@@ -31,12 +31,18 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file + rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk names no file, a rename the temporary one: name the target
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -86,8 +92,9 @@ def spreadsheet_safe(cell) -> str:
         try:
             float(text)
         except ValueError:
-            return "'" + text
-    return text
+            text = "'" + text
+    # A bare CR is not quoted by the csv writer (our line end is LF) and would split the row.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def write_csv_atomic(path, header, rows) -> Path:

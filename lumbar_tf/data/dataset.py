@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.config import PreprocessConfig, config_to_dict
-from lumbar_tf.core.errors import DatasetError
+from lumbar_tf.core.errors import DatasetError, one_line
 from lumbar_tf.core.ids import check_study_id, study_sort_key
 from lumbar_tf.core.io import write_csv_atomic, write_json_atomic
 from lumbar_tf.dicom.reader import DicomError, read_series_descriptions, read_study
@@ -53,14 +54,26 @@ class DatasetIndex:
         return sorted(self.studies, key=int)
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of every data row; a UTF-8 BOM (Excel) and CRLF line ends are fine."""
     try:
-        with open(path, newline="") as handle:
-            return list(csv.DictReader(handle))
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            return [(reader.line_num, row) for row in reader]
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not a valid CSV ({exc})") from None
+
+
+def _refuse_duplicates(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """One row per study in the label files: a second one would silently replace the first."""
+    first: dict[str, int] = {}
+    for line, row in rows:
+        sid = str(row.get("study_id", "")).strip()
+        if sid in first:
+            raise DatasetError(f"{path}: study_id {sid} appears twice (lines {first[sid]} and {line})")
+        first[sid] = line
 
 
 def _grades_from_row(row: dict, parse, path: Path) -> np.ndarray:
@@ -100,7 +113,9 @@ def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
     grades_path = root / f"{split}_grades.csv"
     coords_path = root / f"{split}_label_coordinates.csv"
     if label_path.exists():
-        for row in _read_csv(label_path):
+        rows = _read_csv(label_path)
+        _refuse_duplicates(label_path, rows)
+        for _, row in rows:
             raw_id = str(row.get("study_id", ""))
             try:
                 sid = check_study_id(raw_id, label_path.name)
@@ -110,7 +125,9 @@ def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
             except DatasetError as exc:
                 add_problem(raw_id, str(exc))
     if grades_path.exists():
-        for row in _read_csv(grades_path):
+        rows = _read_csv(grades_path)
+        _refuse_duplicates(grades_path, rows)
+        for _, row in rows:
             raw_id = str(row.get("study_id", ""))
             try:
                 sid = check_study_id(raw_id, grades_path.name)
@@ -121,7 +138,7 @@ def read_index(data_dir: str | Path, split: str = "train") -> DatasetIndex:
             # The seed's fine grades win over the RSNA strings where the study has them.
             studies[sid] = StudyLabels(sid, fine, True)
     if coords_path.exists():
-        for row in _read_csv(coords_path):
+        for _, row in _read_csv(coords_path):
             raw_id = str(row.get("study_id", ""))
             try:
                 sid = check_study_id(raw_id, coords_path.name)
@@ -252,15 +269,28 @@ def _prepare_task(task: tuple):
     images_dir, labels, study_id, descriptions, cfg, handover = task
     try:
         record = prepare_study(images_dir, labels, study_id, {study_id: descriptions}, cfg)
-    except (DicomError, DatasetError, L.LabelError) as exc:
-        return study_id, None, str(exc)
-    if handover is not None:
-        path = handover / f"{study_id}.views"
-        with open(path, "wb") as handle:
-            for name in cfg.view_names:
-                handle.write(np.ascontiguousarray(record["views"][name], np.uint8).data)
-        record["views"] = path
+        if handover is not None:
+            path = handover / f"{study_id}.views"
+            with open(path, "wb") as handle:
+                for name in cfg.view_names:
+                    handle.write(np.ascontiguousarray(record["views"][name], np.uint8).data)
+            record["views"] = path
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001  (one study, whatever its failure, never stops the batch)
+        return study_id, None, _study_failure(exc, images_dir / str(study_id))
     return study_id, record, None
+
+
+def _study_failure(exc: BaseException, study_dir: Path) -> str:
+    """One line for skipped_studies.csv: our own errors name their file; any other exception (a
+    ValueError from a corrupt header value, a MemoryError from a huge image, ...) is named with the
+    study folder and its class, so a bug of ours is still told from bad input."""
+    if isinstance(exc, (DicomError, DatasetError, L.LabelError)):
+        return one_line(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or one_line(exc)}"
+    return f"{study_dir}: {exc.__class__.__name__}: {one_line(exc)}"
 
 
 def _take_views(path: Path, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
@@ -339,27 +369,32 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
     )
     skipped: dict[str, str] = {}
     todo = []
+    images_root = index.images_dir.resolve()
     for sid in wanted:
+        folder = index.images_dir / str(sid)
         if sid in index.problems:
             skipped[sid] = index.problems[sid]
+        elif folder.is_symlink() and images_root not in folder.resolve().parents:
+            skipped[sid] = f"{folder}: study folder is a link that leaves the images folder; refused"
         elif split == "train" and sid not in index.studies:
             skipped[sid] = f"{sid}: no row in {split}.csv"
         else:
             todo.append(sid)
     for sid, reason in index.problems.items():
         skipped.setdefault(sid, reason)
-    if not todo:
-        raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped)")
 
     view_names = cfg.view_names
     n_shards = max(1, min(shards, len(todo)))
-    for stale in cache.glob("shard-*.tfrecord"):  # a re-prepared cache must not mix in old shards
-        stale.unlink()
-    writers = [tf.io.TFRecordWriter(str(cache / f"shard-{i:03d}.tfrecord")) for i in range(n_shards)]
+    # New shards get a fresh name and a ".partial" suffix (which `study_dataset` never reads) until
+    # the manifest naming them is in place: a prepare killed at any point leaves the old cache whole.
+    generation = os.urandom(4).hex()
+    names = [f"shard-{generation}-{i:03d}.tfrecord" for i in range(n_shards)] if todo else []
+    partial = [cache / (name + ".partial") for name in names]
+    writers = [tf.io.TFRecordWriter(str(path)) for path in partial]
     kept: list[str] = []
     warnings: dict[str, list[str]] = {}
     handover = None
-    if pool is not None:
+    if pool is not None and todo:
         handover = cache / ".handover"
         shutil.rmtree(handover, ignore_errors=True)
         handover.mkdir()
@@ -373,38 +408,76 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
     try:
         for sid, record, error in results:
             bar.update(1)
+            if error is None:
+                try:
+                    if handover is not None:
+                        record["views"] = _take_views(record["views"], cfg)
+                    serialized = _serialize(record, view_names)
+                except Exception as exc:  # noqa: BLE001  (one study never stops the batch)
+                    error = _study_failure(exc, index.images_dir / sid)
             if error is not None:
                 skipped[sid] = error
                 continue
-            if handover is not None:
-                record["views"] = _take_views(record["views"], cfg)
-            writers[len(kept) % n_shards].write(_serialize(record, view_names))
+            writers[len(kept) % n_shards].write(serialized)
             kept.append(sid)
             if record["warnings"]:
                 warnings[sid] = record["warnings"]
-    finally:
-        bar.close()
+    except BaseException:
         for writer in writers:
             writer.close()
+        for path in partial:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
         if handover is not None:
             shutil.rmtree(handover, ignore_errors=True)
-    if not kept:
-        raise DatasetError(
-            f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / SKIPPED})"
-        )
+    for writer in writers:
+        writer.close()
+    shard_entries = []
+    for name, path in zip(names, partial):
+        if not kept:
+            path.unlink(missing_ok=True)
+            continue
+        shard_entries.append({"file": name, **_shard_fingerprint(path)})
+        path.replace(cache / name)
 
     _write_skipped(cache / SKIPPED, skipped)
     manifest = {
         "split": split,
         "study_ids": kept,
-        "n_shards": n_shards,
+        "n_shards": len(shard_entries),
+        "shards": shard_entries,
         "view_names": list(view_names),
         "preprocess": config_to_dict(cfg),
         "skipped": skipped,
         "warnings": warnings,
     }
-    write_json_atomic(cache / MANIFEST, manifest)
+    write_json_atomic(cache / MANIFEST, manifest)  # the swap: from here on the new shards count
+    _remove_unlisted_shards(cache, {entry["file"] for entry in shard_entries})
+    if not todo:
+        raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped, see {cache / SKIPPED})")
+    if not kept:
+        raise DatasetError(
+            f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / SKIPPED})"
+        )
     return manifest
+
+
+def _shard_fingerprint(path: Path) -> dict:
+    """Size and CRC-32 of a shard file, stored in the manifest and checked before every read."""
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def _remove_unlisted_shards(cache: Path, listed: set[str]) -> None:
+    """Shards the manifest does not name: an older generation, or one a killed prepare left."""
+    for path in cache.glob("shard-*.tfrecord*"):
+        if path.name not in listed and not path.name.endswith(".partial"):
+            path.unlink(missing_ok=True)
 
 
 def _write_skipped(path: Path, skipped: dict[str, str]) -> None:
@@ -413,14 +486,50 @@ def _write_skipped(path: Path, skipped: dict[str, str]) -> None:
 
 
 def load_manifest(cache_dir: str | Path, cfg: PreprocessConfig | None = None) -> dict:
-    """Read a cache's manifest; refuse a cache built with other preprocessing."""
-    path = Path(cache_dir) / MANIFEST
+    """Read a cache's manifest; refuse a cache built with other preprocessing or with damaged shards.
+
+    Every shard the manifest names must have the size and CRC-32 it was written with; shards it
+    does not name (left by a prepare killed before its manifest swap) are removed so that
+    `study_dataset` never reads them. A damaged cache has its manifest moved aside to
+    ``manifest.json.damaged``: then it is no longer a prepared cache, and `train`/`evaluate`
+    prepare it again instead of training on a truncated shard.
+    """
+    cache = Path(cache_dir)
+    path = cache / MANIFEST
     if not path.exists():
         raise DatasetError(f"{cache_dir}: not a prepared cache (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
-    if cfg is not None and manifest["preprocess"] != config_to_dict(cfg):
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        preprocess, shards = manifest["preprocess"], manifest["shards"]
+        listed = {str(entry["file"]) for entry in shards}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _set_aside(path)
+        raise DatasetError(
+            f"{path}: unreadable or from an older version ({exc.__class__.__name__}); "
+            "the cache will be prepared again"
+        ) from None
+    if cfg is not None and preprocess != config_to_dict(cfg):
         raise DatasetError(f"{cache_dir}: cache was prepared with other preprocessing settings")
+    for entry in shards:
+        shard = cache / entry["file"]
+        problem = None
+        if "/" in entry["file"] or not shard.is_file():
+            problem = "is missing"
+        elif shard.stat().st_size != entry["bytes"]:
+            problem = f"has {shard.stat().st_size} of {entry['bytes']} bytes (truncated)"
+        elif _shard_fingerprint(shard)["crc32"] != entry["crc32"]:
+            problem = "is corrupt (CRC-32 differs)"
+        if problem:
+            _set_aside(path)
+            raise DatasetError(f"{shard}: shard {problem}; the cache will be prepared again")
+    _remove_unlisted_shards(cache, listed)
+    if not manifest["study_ids"]:
+        raise DatasetError(f"{cache_dir}: the cache holds no study (see {cache / SKIPPED})")
     return manifest
+
+
+def _set_aside(manifest_path: Path) -> None:
+    os.replace(manifest_path, manifest_path.with_name(manifest_path.name + ".damaged"))
 
 
 # === tf.data ===

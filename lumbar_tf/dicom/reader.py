@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from lumbar_tf.core.errors import DicomError
+from lumbar_tf.core.errors import DicomError, one_line
 from lumbar_tf.dicom.header_scan import WANTED_KEYWORDS, ScannedHeader, scan_header
 
 SAGITTAL_T1 = "Sagittal T1"
@@ -56,6 +57,63 @@ _DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float / Double Float Pixel Data
 _ITEM, _SEQ_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+
+# === Resource limits ===
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a study may cost, checked before the memory or time is spent (issue 14: a PACS export
+    or a USB stick may hold a 65535 x 65535 header over a sparse file, or a deflate bomb).
+
+    Every limit is far above any real lumbar MR series (a 1024 x 1024 16-bit slice is 2 MiB, a
+    series a few hundred files). A file over a limit is refused with a DicomError naming it;
+    change the limits for a process with `set_read_limits`.
+    """
+
+    max_file_bytes: int = 128 * 2**20  # one DICOM file on disk
+    max_image_bytes: int = 64 * 2**20  # Rows x Columns x frames x samples x bytes per pixel
+    max_inflated_bytes: int = 128 * 2**20  # a deflated data set once inflated
+    max_fragments: int = 65536  # items of encapsulated pixel data in one file
+    max_slices_per_series: int = 2000  # DICOM files in one series folder
+    max_series_per_study: int = 200  # series folders in one study
+    max_files_per_study: int = 20000  # DICOM files in one study, all series
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ReadLimits.{name} must be a positive integer, got {value!r}")
+
+
+_limits = ReadLimits()
+
+
+def read_limits() -> ReadLimits:
+    """The limits this process reads DICOM with."""
+    return _limits
+
+
+def set_read_limits(limits: ReadLimits) -> ReadLimits:
+    """Read DICOM with ``limits`` from now on (this process only); returns the previous ones."""
+    global _limits
+    previous, _limits = _limits, limits
+    return previous
+
+
+def _why(exc: BaseException) -> str:
+    """A library's exception in one line (pydicom's plugin errors run over several)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def _check_file_size(path: Path, size: int) -> None:
+    if size > _limits.max_file_bytes:
+        raise DicomError(path, f"file is {_mib(size)}, over the {_mib(_limits.max_file_bytes)} limit")
 
 
 # === Headers ===
@@ -272,15 +330,21 @@ def _read_dataset_header(path: Path):
         raise DicomError(path, f"cannot read file ({exc.strerror})") from None
     if size == 0:
         raise DicomError(path, "empty file (truncated DICOM)")
+    _check_file_size(path, size)
     try:
         with open(path, "rb") as fp, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # pydicom inflates a deflated data set whole on opening: measure it in bounded steps first.
+            meta = read_file_meta_info(path)
+            deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            if deflated:
+                _check_deflate_stream(fp, meta, path)
+            fp.seek(0)
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
             tell = fp.tell()
-            deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            _check_image_size(ds, path)
             if deflated:
-                _check_deflate_stream(fp, ds, path)
-                ds = pydicom.dcmread(fp.name)  # inflated in memory; pixels not decoded
+                ds = pydicom.dcmread(fp.name)  # inflated in memory (under the limit); pixels not decoded
             elif tell < size:
                 _check_pixel_element(fp, ds, tell, size, path)
     except DicomError:
@@ -290,7 +354,7 @@ def _read_dataset_header(path: Path):
     except OSError as exc:
         raise DicomError(path, f"cannot read file ({exc.strerror or exc})") from None
     except Exception as exc:  # pydicom raises many kinds on corrupt input
-        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"truncated or corrupt DICOM ({_why(exc)})") from None
     for w in caught:
         if "end of file" in str(w.message).lower():
             raise DicomError(path, f"truncated DICOM ({w.message})")
@@ -307,7 +371,7 @@ def _read_dataset_header(path: Path):
     except DicomError:
         raise
     except Exception as exc:  # pydicom converts values lazily: a corrupt one fails here
-        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"truncated or corrupt DICOM ({_why(exc)})") from None
     return ds
 
 
@@ -319,23 +383,55 @@ def _tags_by_pydicom(path: Path) -> dict:
     try:
         return {keyword: ds.get(keyword) for keyword in WANTED_KEYWORDS}
     except Exception as exc:  # pydicom raises many kinds on corrupt values
-        raise DicomError(path, f"corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"corrupt DICOM ({_why(exc)})") from None
 
 
-def _check_deflate_stream(fp, ds, path: Path) -> None:
-    """A deflated data set must end with the end of its zlib stream (else: truncated)."""
-    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
+def _check_deflate_stream(fp, meta, path: Path) -> None:
+    """A deflated data set must end with the end of its zlib stream (else: truncated) and inflate to
+    no more than the limit: inflated in bounded steps and thrown away, never held whole."""
+    group_length = meta.get("FileMetaInformationGroupLength")
     if group_length is None:
-        return
+        raise DicomError(path, "deflated data set without FileMetaInformationGroupLength")
     fp.seek(128 + 4 + 12 + int(group_length))  # preamble, "DICM", group length element
+    cap = _limits.max_inflated_bytes
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
     try:
-        while chunk := fp.read(1 << 20):
-            inflater.decompress(chunk)
+        while not inflater.eof and (chunk := inflater.unconsumed_tail or fp.read(1 << 16)):
+            total += len(inflater.decompress(chunk, 1 << 20))
+            if total > cap:
+                raise DicomError(path, f"deflated data set inflates past the {_mib(cap)} limit")
     except zlib.error as exc:
-        raise DicomError(path, f"corrupt deflated data set ({exc})") from None
+        raise DicomError(path, f"corrupt deflated data set ({_why(exc)})") from None
     if not inflater.eof:
         raise DicomError(path, "truncated DICOM (deflated data set cut short)")
+
+
+def _optional_int(tags, keyword: str, default: int, path) -> int:
+    value = tags.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DicomError(path, f"bad {keyword} value {value!r} (expected an integer)") from None
+
+
+def _check_image_size(tags, path) -> None:
+    """Rows x Columns x frames x samples x bytes per pixel under the limit, before any pixel is read."""
+    rows, cols = _optional_int(tags, "Rows", 0, path), _optional_int(tags, "Columns", 0, path)
+    frames = _optional_int(tags, "NumberOfFrames", 1, path)
+    samples = _optional_int(tags, "SamplesPerPixel", 1, path)
+    bits = _optional_int(tags, "BitsAllocated", 16, path)
+    if min(rows, cols, frames, samples, bits) < 0:
+        raise DicomError(path, "negative Rows/Columns/NumberOfFrames/SamplesPerPixel/BitsAllocated")
+    size = rows * cols * frames * samples * ((bits + 7) // 8)
+    if size > _limits.max_image_bytes:
+        raise DicomError(
+            path,
+            f"image of {rows} x {cols} x {frames} frames x {samples} x {bits} bits is {_mib(size)}, "
+            f"over the {_mib(_limits.max_image_bytes)} limit",
+        )
 
 
 def _expected_native_bytes(ds) -> int | None:
@@ -394,6 +490,8 @@ def _check_pixel_element(fp, ds, tell: int, size: int, path: Path) -> None:
         if pos > size:
             raise DicomError(path, "truncated pixel data (encapsulated fragment cut short)")
         items += 1
+        if items > _limits.max_fragments:
+            raise DicomError(path, f"more than {_limits.max_fragments} encapsulated fragments")
     if items < 2:  # the basic offset table item plus at least one fragment
         raise DicomError(path, "no pixel data (no encapsulated fragments)")
 
@@ -415,6 +513,22 @@ def _check_complete_without_pixels(ds, size: int, path: Path) -> None:
             raise DicomError(path, "truncated DICOM (inside an element header)")
 
 
+# Plausible geometry (issue 14): outside these a header is wrong, not an unusual scanner.
+PLAUSIBLE_SPACING_MM = (0.1, 10.0)
+MAX_POSITION_MM = 10_000.0  # 10 m from the scanner's origin
+
+
+def _check_geometry(position, spacing, tags, path: Path) -> None:
+    """Header values that would be graded silently into nonsense: refuse them, naming the file."""
+    low, high = PLAUSIBLE_SPACING_MM
+    if not all(low <= v <= high for v in spacing):
+        raise DicomError(path, f"implausible PixelSpacing {spacing} mm (outside {low:g}-{high:g} mm)")
+    if max(abs(v) for v in position) > MAX_POSITION_MM:
+        raise DicomError(path, f"implausible ImagePositionPatient {position} (beyond 10 m)")
+    if tags.get("RescaleSlope") not in (None, "") and _float_list(tags, "RescaleSlope", 1, path)[0] == 0:
+        raise DicomError(path, "RescaleSlope 0 (every pixel would have the same value)")
+
+
 def read_instance_header(path: str | Path) -> tuple[SliceHeader, ScannedHeader | dict]:
     """Header (no pixels) of one single-frame grayscale instance -> (SliceHeader, tags).
 
@@ -423,17 +537,23 @@ def read_instance_header(path: str | Path) -> tuple[SliceHeader, ScannedHeader |
     the fast scan, else a dict of the same keywords read by pydicom.
     """
     path = Path(path)
+    try:
+        _check_file_size(path, path.stat().st_size)
+    except OSError as exc:
+        raise DicomError(path, f"cannot read file ({exc.strerror or exc})") from None
     scanned = scan_header(path)
     tags = scanned if scanned is not None else _tags_by_pydicom(path)
-    frames = int(tags.get("NumberOfFrames", 1) or 1)
+    _check_image_size(tags, path)
+    frames = _optional_int(tags, "NumberOfFrames", 1, path) or 1
     if frames != 1:
         raise DicomError(path, f"multi-frame instance ({frames} frames) not supported")
-    if int(tags.get("SamplesPerPixel", 1) or 1) != 1:
+    if (_optional_int(tags, "SamplesPerPixel", 1, path) or 1) != 1:
         raise DicomError(path, "not a grayscale image (SamplesPerPixel != 1)")
     position = _float_list(tags, "ImagePositionPatient", 3, path)
     iop = _float_list(tags, "ImageOrientationPatient", 6, path)
     spacing = _float_list(tags, "PixelSpacing", 2, path)
     rows, cols = _int_tag(tags, "Rows", path), _int_tag(tags, "Columns", path)
+    _check_geometry(position, spacing, tags, path)
     # Plain floats, not numpy, for these few numbers: this runs for every file of a study.
     row_dir, col_dir = iop[:3], iop[3:]
     norms = math.hypot(*row_dir), math.hypot(*col_dir)
@@ -566,7 +686,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
     except InvalidDicomError:
         raise DicomError(path, "not a DICOM file (no DICM preamble)") from None
     except Exception as exc:
-        raise DicomError(path, f"truncated or corrupt DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"truncated or corrupt DICOM ({_why(exc)})") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DicomError(path, "no pixel data")
     try:
@@ -574,7 +694,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
     except Exception as exc:
         ts = ds.file_meta.get("TransferSyntaxUID", "?")
         name = getattr(ts, "name", ts)
-        raise DicomError(path, f"cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None
+        raise DicomError(path, f"cannot decode pixel data ({name}): {_why(exc)}") from None
     if arr.shape != (header.rows, header.cols):
         raise DicomError(path, f"decoded shape {arr.shape} != {(header.rows, header.cols)}")
     try:
@@ -588,7 +708,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
     except DicomError:
         raise
     except Exception as exc:  # a corrupt rescale or LUT value
-        raise DicomError(path, f"corrupt modality LUT ({type(exc).__name__}: {exc})") from None
+        raise DicomError(path, f"corrupt modality LUT ({_why(exc)})") from None
 
 
 def decode_instance(header: SliceHeader) -> np.ndarray:
@@ -642,14 +762,71 @@ def _maybe_float(value) -> float | None:
 # === Studies ===
 
 
-def _candidate_files(folder: Path) -> list[Path]:
-    files = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name.upper() == "DICOMDIR" or not p.is_file():
+def _inside(path: Path, root: Path) -> bool:
+    resolved = path.resolve()
+    return resolved == root or root in resolved.parents
+
+
+def _candidate_files(folder: Path, root: Path | None = None, warn: list[str] | None = None) -> list[Path]:
+    """The DICOM files of ``folder``: at most `ReadLimits.max_slices_per_series` (counted while
+    listing, so a folder of millions of files costs no more than the limit); a symbolic link that
+    leaves ``root`` (the study folder) is not followed."""
+    root = (root or folder).resolve()
+    files, links = [], 0
+    for p in folder.iterdir():
+        if p.name.startswith(".") or p.name.upper() == "DICOMDIR" or p.suffix.lower() not in _DICOM_SUFFIXES:
             continue
-        if p.suffix.lower() in _DICOM_SUFFIXES:
-            files.append(p)
-    return files
+        if p.is_dir():
+            continue  # series folders are read on their own
+        if p.is_symlink() and not _inside(p, root):
+            links += 1
+            continue
+        if not p.is_file():
+            continue
+        files.append(p)
+        if len(files) > _limits.max_slices_per_series:
+            raise DicomError(folder, f"more than {_limits.max_slices_per_series} files in one series")
+    if links:
+        # No paths in warnings: they end up in predictions.json.
+        _warn(warn, f"{links} symbolic link(s) leaving the study folder not followed")
+    return sorted(files)
+
+
+def _warn(warn: list[str] | None, message: str) -> None:
+    if warn is None:
+        warnings.warn(message, stacklevel=3)
+    else:
+        warn.append(message)
+
+
+def _series_folders(study_dir: Path, warn: list[str]) -> list[Path]:
+    """The sub-folders of a study (series), within `ReadLimits`; links leaving it not followed."""
+    root = study_dir.resolve()
+    folders, links = [], 0
+    for p in study_dir.iterdir():
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if p.is_symlink() and not _inside(p, root):
+            links += 1
+            continue
+        folders.append(p)
+        if len(folders) > _limits.max_series_per_study:
+            raise DicomError(study_dir, f"more than {_limits.max_series_per_study} series folders")
+    if links:
+        warn.append(f"{links} symbolic link(s) leaving the study folder not followed")
+    return sorted(folders)
+
+
+def _series_warnings(series: Series) -> list[str]:
+    """Geometry that is graded, but not as it should be: named in predictions.json."""
+    out = []
+    positions = series.positions_mm()
+    if len(positions) > 1 and len(np.unique(np.round(positions, 3))) < len(positions):
+        n = len(positions) - len(np.unique(np.round(positions, 3)))
+        out.append(f"series {series.series_id}: {n} slice(s) share the position of another slice")
+    if len(positions) == 1 and series.plane == "sagittal":
+        out.append(f"series {series.series_id}: a single sagittal slice (no left-right extent)")
+    return out
 
 
 def _build_series(series_id: str, headers: list[SliceHeader], dicom_description: str) -> Series:
@@ -681,11 +858,22 @@ def _build_series(series_id: str, headers: list[SliceHeader], dicom_description:
     )
 
 
-def read_series(folder: str | Path, series_id: str | None = None) -> list[Series]:
-    """Read the headers in one folder -> one Series per SeriesInstanceUID found there."""
+def read_series(
+    folder: str | Path,
+    series_id: str | None = None,
+    *,
+    root: Path | None = None,
+    warn: list[str] | None = None,
+) -> list[Series]:
+    """Read the headers in one folder -> one Series per SeriesInstanceUID found there.
+
+    ``root``: the study folder (links leaving it are not followed; default ``folder``);
+    ``warn``: where warnings go (links not followed, duplicate slice positions, a single
+    sagittal slice); default: Python warnings.
+    """
     folder = Path(folder)
     groups: dict[str, list[tuple[SliceHeader, pydicom.Dataset]]] = {}
-    for path in _candidate_files(folder):
+    for path in _candidate_files(folder, root, warn):
         header, ds = read_instance_header(path)
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((header, ds))
     out = []
@@ -697,6 +885,8 @@ def read_series(folder: str | Path, series_id: str | None = None) -> list[Series
             sid = str(ds0.get("SeriesNumber", "") or uid or folder.name)
         series = _build_series(sid, [h for h, _ in items], str(ds0.get("SeriesDescription", "")))
         series.description = infer_description(series.dicom_description, series.plane, ds0) or ""
+        for message in _series_warnings(series):
+            _warn(warn, message)
         out.append(series)
     return out
 
@@ -726,14 +916,18 @@ def read_study(
     descriptions = {str(k): str(v) for k, v in (descriptions or {}).items()}
     found: list[Series] = []
     warn: list[str] = []
-    folders = [study_dir] + sorted(p for p in study_dir.iterdir() if p.is_dir())
-    folders = [p for p in folders if not p.name.startswith(".")]
+    folders = [study_dir] + _series_folders(study_dir, warn)
+    n_files = sum(len(_candidate_files(p, study_dir, [])) for p in folders)
+    if n_files > _limits.max_files_per_study:
+        raise DicomError(study_dir, f"{n_files} DICOM files, over the limit of {_limits.max_files_per_study}")
     wanted = set(only) if only is not None else None
     for folder in sorted(folders, key=lambda p: _series_sort_key(p.name)):
         known = descriptions.get(folder.name)
         if wanted is not None and folder != study_dir and known is not None and known not in wanted:
             continue
-        series_list = read_series(folder, None if folder == study_dir else folder.name)
+        series_list = read_series(
+            folder, None if folder == study_dir else folder.name, root=study_dir, warn=warn
+        )
         if not series_list and folder != study_dir:
             warn.append(f"series folder {folder.name}: no DICOM files; ignored")
         found.extend(series_list)
@@ -773,7 +967,7 @@ def read_series_descriptions(csv_path: str | Path) -> dict[str, dict[str, str]]:
     """``train_series_descriptions.csv`` -> ``{study_id: {series_id: description}}``."""
     csv_path = Path(csv_path)
     try:
-        with open(csv_path, newline="") as fh:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # Excel's BOM, CRLF: fine
             reader = csv.DictReader(fh)
             needed = {"study_id", "series_id", "series_description"}
             missing = needed - set(reader.fieldnames or ())
@@ -787,6 +981,8 @@ def read_series_descriptions(csv_path: str | Path) -> dict[str, dict[str, str]]:
                 out.setdefault(study, {})[series] = str(row["series_description"]).strip()
     except OSError as exc:
         raise DicomError(csv_path, f"cannot read ({exc.strerror or exc})") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DicomError(csv_path, f"not a valid CSV ({one_line(exc)})") from None
     return out
 
 
@@ -801,12 +997,15 @@ __all__ = [
     "Study",
     "ModalityMap",
     "NativePixels",
+    "ReadLimits",
     "decode_instance",
     "decode_stored",
     "infer_description",
     "plane_of_normal",
     "read_instance_header",
+    "read_limits",
     "read_series",
     "read_series_descriptions",
     "read_study",
+    "set_read_limits",
 ]

@@ -12,6 +12,7 @@ from lumbar_tf.core.ids import check_study_id
 from lumbar_tf.data.dataset import read_index
 from lumbar_tf.dicom.reader import DicomError, read_study
 from lumbar_tf.preprocess import choose_slices, normalize_percentile
+from lumbar_tf.report.heatmaps import save_png
 
 
 def _slice_image(series, offset_mm: float) -> tuple[np.ndarray, int]:
@@ -78,8 +79,6 @@ def save_study_picture(data_dir, study_id: str, out_path) -> Path:
         ax.set_title(f"grades of study {sid}", fontsize=9)
     fig.suptitle("phantom study (research use only)", fontsize=10)
     fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=90)
+    out_path = save_png(fig, out_path, dpi=90)
     plt.close(fig)
     return out_path

@@ -58,14 +58,28 @@ def load_model(path: str | Path) -> LoadedModel:
     if file.suffix != ".keras":
         raise ModelLoadError(f"{file}: expected a .keras model file")
     try:
-        model = keras.models.load_model(file)
+        # safe_mode: a Lambda layer (pickled Python code) is refused, never run.
+        model = keras.models.load_model(file, safe_mode=True)
     except Exception as exc:  # corrupt zip, foreign model, ...
-        raise ModelLoadError(f"{file}: cannot load model ({exc.__class__.__name__})") from None
+        raise ModelLoadError(f"{file}: {_load_failure(exc)}") from None
     try:
         preprocess = preprocess_config_of(model)
     except ValueError:
         raise ModelLoadError(f"{file}: not a lumbar-tf end-to-end model") from None
     return LoadedModel(model, preprocess, file, run)
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why Keras would not load a file, in one line (its messages run over many)."""
+    import re
+
+    text = " ".join(str(exc).split())
+    if "Lambda" in text and "safe_mode" in text:
+        return "refused: the model holds a Lambda layer (Python code), which is never loaded"
+    unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+    if unknown:
+        return f"refused: unknown class {unknown.group(1)!r} (not a lumbar-tf model, or a newer one)"
+    return f"cannot load model ({exc.__class__.__name__}: {text[:200]})"
 
 
 class KerasPredictor:

@@ -10,6 +10,9 @@ from lumbar_tf.core.errors import ServingError
 
 # The request of one study is ~0.9 MB at 192 px; batches of studies can pass gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# An answer is a few kB a study (grades and five level positions): 64 MiB is thousands of studies,
+# and a broken or hostile server cannot make a client hold gigabytes.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 _MAX_DETAIL_CHARS = 400
 
 

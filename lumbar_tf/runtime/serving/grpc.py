@@ -12,7 +12,13 @@ import numpy as np
 
 from lumbar_tf.core.contract import DEFAULT_MODEL_NAME, SERVING_SIGNATURE
 from lumbar_tf.core.errors import ServingError
-from lumbar_tf.runtime.serving.common import MAX_MESSAGE_BYTES, one_line, prepare_views, retry
+from lumbar_tf.runtime.serving.common import (
+    MAX_MESSAGE_BYTES,
+    MAX_RESPONSE_BYTES,
+    one_line,
+    prepare_views,
+    retry,
+)
 
 MODEL_FORMAT = "saved_model"
 
@@ -83,14 +89,16 @@ class GrpcClient:
         model_name: the served model's name (``model_config_list { config { name } }``).
         signature_name: signature to call (``serving_default``).
         timeout_s: deadline of each call in seconds.
-        retries: tries in all for transient failures (UNAVAILABLE, DEADLINE_EXCEEDED); other errors
-            are raised at once.
+        retries: tries in all for transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED by
+            a server going away); other errors are raised at once.
         backoff_s: sleep before the second try; doubles before each further try.
         version: pin a model version (default: the latest version the server has loaded).
         version_label: or a version label (``stable``/``canary``) set in the server's model config.
+        max_response_bytes: an answer larger than this is refused by gRPC before it is held whole.
     """
 
-    transient_codes = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    # CANCELLED: this client never cancels, so it is the server going away mid-call (a restart).
+    transient_codes = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
 
     def __init__(
         self,
@@ -103,6 +111,7 @@ class GrpcClient:
         version: int | None = None,
         *,
         version_label: str | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ):
         import grpc
         from tensorflow_serving.apis import (
@@ -122,6 +131,7 @@ class GrpcClient:
         self.version = None if version is None else int(version)
         self.version_label = version_label
         self.last_version: int | None = None  # version that answered the last predict()
+        self.max_response_bytes = int(max_response_bytes)
         self._grpc = grpc
         self._predict_pb2 = predict_pb2
         self._metadata_pb2 = get_model_metadata_pb2
@@ -129,7 +139,7 @@ class GrpcClient:
             target,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", int(max_response_bytes)),
                 # Reconnect soon after a failed connect so our own back-off decides the pace.
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
@@ -189,12 +199,21 @@ class GrpcClient:
         detail = one_line(exc.details() or "")
         tries = max(1, self.retries)
         at = f"TF Serving at {self.target}"
-        if code == "UNAVAILABLE" and "queue" in detail.lower():  # batching queue full: server is up
+        if code == "CANCELLED":
+            msg = f"{at} dropped the {what} call after {tries} tries (restarting?): {detail}"
+            code = "UNAVAILABLE"
+        elif code == "UNAVAILABLE" and "queue" in detail.lower():  # batching queue full: server is up
             msg = f"{at} is overloaded after {tries} tries: {detail}"
         elif code == "UNAVAILABLE":
             msg = f"cannot reach {at} after {tries} tries ({detail})"
         elif code == "DEADLINE_EXCEEDED":
             msg = f"{at} did not answer {what} within {self.timeout_s:g} s ({tries} tries)"
+        elif code == "RESOURCE_EXHAUSTED" and "larger than max" in detail.lower():  # our receive cap
+            msg = (
+                f"{at} sent an answer to {what} over the {self.max_response_bytes}-byte limit "
+                f"(max_response_bytes): {detail}"
+            )
+            code = "CLIENT"
         elif code == "RESOURCE_EXHAUSTED":
             msg = f"{at} refused the {what} request (too large or out of resources): {detail}"
         elif code == "NOT_FOUND":

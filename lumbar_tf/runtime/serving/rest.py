@@ -8,8 +8,13 @@ Standard library only (urllib): no TensorFlow on the client side.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.client
 import json
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -17,9 +22,70 @@ import numpy as np
 
 from lumbar_tf.core.contract import DEFAULT_MODEL_NAME, SERVING_SIGNATURE
 from lumbar_tf.core.errors import ServingError
-from lumbar_tf.runtime.serving.common import one_line, prepare_views, retry
+from lumbar_tf.runtime.serving.common import MAX_RESPONSE_BYTES, one_line, prepare_views, retry
 
 MODEL_FORMAT = "saved_model"
+_CHUNK = 1 << 16
+
+
+class _Watchdog:
+    """Ends one try at its deadline whatever the server does: at the deadline the socket is shut
+    down, so a server that sends a byte a second (each read well within any socket timeout) or
+    never finishes its headers still ends the call."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.fired = False
+        self._sock = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline exceeded")
+        return left
+
+    def arm(self, sock) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                self._shutdown()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _WatchedConnection(http.client.HTTPConnection):
+    def __init__(self, *args, watchdog: _Watchdog, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._watchdog = watchdog
+
+    def connect(self):
+        super().connect()
+        self._watchdog.arm(self.sock)
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    """urllib's HTTP handler, with each request's connection handed to that request's watchdog."""
+
+    def http_open(self, req):
+        watchdog = getattr(req, "watchdog", None)
+        if watchdog is None:
+            return super().http_open(req)
+        return self.do_open(functools.partial(_WatchedConnection, watchdog=watchdog), req)
 
 
 class _RestStatus(Exception):
@@ -39,12 +105,15 @@ class RestClient:
         model_name: the served model's name.
         signature_name: signature to call.
         version: pin a model version (default: latest).
-        timeout_s: socket timeout of each call in seconds.
+        timeout_s: deadline of each try in seconds: connecting, sending and reading the whole answer
+            (not a per-read socket timeout, which a server sending a byte at a time never trips).
         retries: tries in all for transient failures (connection refused/reset, timeouts, HTTP 502/503/504,
             i.e. TF Serving's UNAVAILABLE and DEADLINE_EXCEEDED); other errors are raised at once.
         backoff_s: sleep before the second try; doubles before each further try.
         proxies: ``{"http": url}`` to go through a proxy; by default the server is called directly
             (environment proxy variables are ignored, so an in-cluster call never leaves the cluster).
+        max_response_bytes: an answer larger than this is refused without being read whole (the
+            same cap as the gRPC client's receive limit by default).
     """
 
     transient_statuses = (502, 503, 504)
@@ -60,6 +129,7 @@ class RestClient:
         backoff_s: float = 0.5,
         *,
         proxies: dict | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ):
         if "://" not in base_url:
             base_url = "http://" + base_url
@@ -70,7 +140,10 @@ class RestClient:
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies or {}))
+        self.max_response_bytes = int(max_response_bytes)
+        self._opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler(proxies or {}), _WatchedHTTPHandler()
+        )
 
     def __repr__(self) -> str:
         return f"RestClient({self.base_url!r}, model_name={self.model_name!r}, version={self.version!r})"
@@ -93,16 +166,28 @@ class RestClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body else "GET")
+        watchdog = request.watchdog = _Watchdog(time.monotonic() + self.timeout_s)
         try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
             try:
-                text = json.loads(raw).get("error", "")
-            except (ValueError, AttributeError):
-                text = raw.decode("utf-8", "replace")
-            raise _RestStatus(exc.code, one_line(text or exc.reason)) from None
+                with self._opener.open(request, timeout=self.timeout_s) as response:
+                    raw = self._read_capped(response, watchdog)
+            except urllib.error.HTTPError as exc:
+                raw = self._read_capped(exc, watchdog)
+                try:
+                    text = json.loads(raw).get("error", "")
+                except (ValueError, AttributeError):
+                    text = raw.decode("utf-8", "replace")
+                raise _RestStatus(exc.code, one_line(text or exc.reason)) from None
+            except (OSError, http.client.HTTPException) as exc:
+                if watchdog.fired:  # the socket was shut down at the deadline
+                    raise TimeoutError("deadline exceeded") from None
+                if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
+                    raise ConnectionError(
+                        f"bad HTTP answer ({one_line(exc) or type(exc).__name__})"
+                    ) from None
+                raise
+        finally:
+            watchdog.cancel()
         try:
             return json.loads(raw)
         except ValueError:
@@ -111,6 +196,35 @@ class RestClient:
                 code="CLIENT",
                 target=self.base_url,
             ) from None
+
+    def _read_capped(self, response, watchdog: _Watchdog) -> bytes:
+        """The answer's body, refused past `max_response_bytes` and cut off at the deadline."""
+        cap = self.max_response_bytes
+        declared = response.headers.get("Content-Length") if response.headers else None
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise self._too_large(int(declared))
+        parts, total = [], 0
+        while True:
+            watchdog.remaining()
+            chunk = response.read(min(_CHUNK, cap + 1 - total))
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise self._too_large(None)
+        if watchdog.fired:
+            raise TimeoutError("deadline exceeded")
+        return b"".join(parts)
+
+    def _too_large(self, size: int | None) -> ServingError:
+        what = f"{size} bytes" if size is not None else "more bytes"
+        return ServingError(
+            f"TF Serving at {self.base_url} sent an answer of {what}, over the "
+            f"{self.max_response_bytes}-byte limit (max_response_bytes)",
+            code="CLIENT",
+            target=self.base_url,
+        )
 
     def _transient(self, exc) -> bool:
         if isinstance(exc, _RestStatus):

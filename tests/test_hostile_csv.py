@@ -1,0 +1,93 @@
+"""CSV safety (issue 14 item 3): BOM and CRLF read, duplicate label rows refused naming both lines,
+formula-like cells never written raw, ids from CSVs kept to plain integers."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+
+from lumbar_tf.core.errors import DatasetError, DicomError
+from lumbar_tf.core.io import write_csv_atomic
+from lumbar_tf.data.dataset import read_index
+from lumbar_tf.dicom.reader import read_series_descriptions
+
+
+def _excel_copy(src, dst):
+    """What Excel's "CSV UTF-8" writes: a BOM and CRLF line ends."""
+    dst.write_bytes(b"\xef\xbb\xbf" + src.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+
+
+@pytest.fixture
+def data(phantom_dir, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for path in phantom_dir.glob("*.csv"):
+        shutil.copy(path, root / path.name)
+    (root / "train_images").mkdir()
+    return root
+
+
+def test_bom_and_crlf_read_like_the_plain_files(data, phantom_dir):
+    plain = read_index(phantom_dir)
+    for path in data.glob("*.csv"):
+        _excel_copy(phantom_dir / path.name, path)
+    excel = read_index(data)
+    assert excel.study_ids == plain.study_ids and not excel.problems
+    for sid in plain.study_ids:
+        assert (excel.studies[sid].grades == plain.studies[sid].grades).all()
+        assert excel.studies[sid].coordinates == plain.studies[sid].coordinates
+    assert excel.descriptions == plain.descriptions
+    assert read_series_descriptions(data / "train_series_descriptions.csv") == plain.descriptions
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train_grades.csv"])
+def test_a_duplicate_study_row_names_both_lines(data, name):
+    path = data / name
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:4] + [lines[2]] + lines[4:]))
+    sid = lines[2].split(",")[0]
+    with pytest.raises(DatasetError) as err:
+        read_index(data)
+    assert str(err.value) == f"{path}: study_id {sid} appears twice (lines 3 and 5)"
+
+
+def test_a_binary_descriptions_file_is_one_line(tmp_path):
+    path = tmp_path / "test_series_descriptions.csv"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DicomError, match=rf"^{path}: not a valid CSV"):
+        read_series_descriptions(path)
+
+
+@pytest.mark.parametrize("cell", ['=HYPERLINK("http:x")', "+1+2", "-cmd|x", "@SUM(A1)", "\tx", "\rx"])
+def test_formula_cells_are_written_as_text(tmp_path, cell):
+    path = write_csv_atomic(tmp_path / "x.csv", ["study_id", "reason"], [[cell, cell], ["-0.5", 1.5]])
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    written = "'" + cell.replace("\r", "\n")  # a bare CR would split the row
+    assert rows[1] == [written, written] and rows[2] == ["-0.5", "1.5"]
+
+
+def test_test_folder_ids_are_plain_integers_inside_the_folder(tmp_path):
+    """`predict --data --submission`: an id that names a path or a formula, or a study folder that is
+    a link out of the data, is refused; per-study outputs go beside the submission."""
+    from lumbar_tf.runtime.batch import default_out_dir, find_test_studies
+
+    images = tmp_path / "data" / "test_images"
+    for name in ("1001", '=HYPERLINK("http:x")'):
+        (images / name).mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (images / "1002").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (tmp_path / "data" / "test_series_descriptions.csv").write_text(
+        "study_id,series_id,series_description\n1001,1,Sagittal T1\n../../data/train_images/7,1,Sagittal T1\n"
+    )
+    found, ids, _, refused = find_test_studies(tmp_path / "data")
+    assert found == images and ids == ["1001"]
+    assert refused == {
+        "../../data/train_images/7": "study_id is not a plain integer; refused",
+        '=HYPERLINK("http:x")': "study_id is not a plain integer; refused",
+        "1002": "study folder is a link that leaves the images folder; refused",
+    }
+    submission = tmp_path / "out" / "submission.csv"
+    assert default_out_dir(submission) == tmp_path / "out" / "submission_studies"
