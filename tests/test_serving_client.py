@@ -367,7 +367,7 @@ def test_build_predictions_structure():
         level_positions=list(reversed(_level_positions())),
         warnings=["Sagittal T1 missing"],
     )
-    assert list(preds) == ["study_id", "model", "cells", "levels", "warnings", "intended_use"]
+    assert list(preds) == ["study_id", "model", "cells", "levels", "series", "warnings", "intended_use"]
     assert preds["study_id"] == "44036939"
     assert preds["model"] == {"name": MODEL, "version": 3, "format": "saved_model"}
     assert preds["intended_use"] == INTENDED_USE == "Research decision support only; not for diagnosis."

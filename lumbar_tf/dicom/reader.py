@@ -231,11 +231,12 @@ class Study:
         return None
 
     def sagittal_series(self) -> list[Series]:
-        """Sagittal series, Sagittal T2/STIR first, then Sagittal T1, then the others."""
+        """Sagittal series, Sagittal T2/STIR first, then Sagittal T1, then the others (set-aside
+        repeats and untyped sagittal series with at least two slices)."""
         order = {SAGITTAL_T2: 0, SAGITTAL_T1: 1}
         found = [s for s in self.series.values() if s.plane == "sagittal"]
         found.sort(key=lambda s: order.get(s.description, 2))
-        return found + [s for s in self.extra if s.plane == "sagittal"]
+        return found + [s for s in self.extra if s.plane == "sagittal" and len(s.slices) > 1]
 
 
 def _norm_text(text: str) -> str:

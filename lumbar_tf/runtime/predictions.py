@@ -80,6 +80,7 @@ def build_predictions(
     level_positions: list[dict],
     warnings: list[str] | tuple[str, ...] = (),
     fine_grades: bool = True,
+    series: dict | None = None,
 ) -> dict:
     """One study's `predictions.json` dict (DESIGN.md output contract).
 
@@ -93,6 +94,7 @@ def build_predictions(
             (source pixels), computed by the caller from ``level_xy`` through preprocess.
         warnings: messages for the reader (missing series, clipped coordinates, ...).
         fine_grades: the model was trained with grades 0/1 known; presence is then P(>=1), else P(>=2).
+        series: view name -> series id it was built from (None: a zero view); written as "series".
     """
     probs = _as_threshold_probs(threshold_probs)
     warnings = [str(w) for w in warnings]
@@ -148,6 +150,7 @@ def build_predictions(
         },
         "cells": cells,
         "levels": levels,
+        "series": {str(k): None if v is None else str(v) for k, v in (series or {}).items()},
         "warnings": warnings,
         "intended_use": INTENDED_USE,
     }

@@ -136,5 +136,6 @@ def predict_study(
         level_positions=positions,
         warnings=warnings,
         fine_grades=bool(getattr(predictor, "fine_grades", True)),
+        series={k: None if v is None else v.series_id for k, v in preprocess.view_series(study, cfg).items()},
     )
     return StudyResult(preds, study, outputs, views, grid, info, cfg)
