@@ -210,8 +210,7 @@ SACRAL_TAIL_MM = 60.0
 # between a lumbar-centred field (L5/S1 LEVELS_HALF_SPAN_MM below the field centre) and one with
 # L5/S1 this close to its lower edge: lumbar fields are planned from centred to low;
 CUT_TAIL_MM = 20.0
-# the canal lies this far anterior of the traced column; L1/L2..L5/S1 span about twice this.
-CANAL_ANTERIOR_MM = 0.0
+# L1/L2..L5/S1 span about twice this (the grid centre is this far above L5/S1, on the trace).
 LEVELS_HALF_SPAN_MM = 62.0
 # A column counts as found when its band-pass share (periodic energy / all vertical variation) is
 # at least this along the trace, over at least this length; noise gives ~0.3, a spine 0.5-0.8.
@@ -416,16 +415,17 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
     """Find the lumbar spine in a sagittal series, from its pixels alone (the same in training and
     inference; never from labels).
 
-    1. Coarse pass: the slices within ~2 cm of the stack centre, normalised, at COARSE_MM over the
+    1. Coarse pass: the slices within ~28 mm of the stack centre, normalised, at COARSE_MM over the
        whole field. On the centre slice the vertebral column is traced as the head-feet path of
        strongest periodicity (`periodicity_map`, `trace_column`).
     2. Midline: the plane about which those slices are most symmetric near the column
        (`_mirror_midline`), searched +-12 mm about the stack centre; the column is re-traced on
        the slice nearest to it.
-    3. L5/S1 from the sacrum: the periodic column ends in the sacrum, SACRAL_TAIL_MM below L5/S1
-       (where it runs off the field: halfway between the places of a centred and a low field); the
-       canal is CANAL_ANTERIOR_MM in front of the trace. The grid centre is LEVELS_HALF_SPAN_MM
-       above L5/S1, kept inside the field where the field is larger than the view.
+    3. L5/S1 from the sacrum: where the trace bends back into the sacrum (`_sacral_bend`); else
+       SACRAL_TAIL_MM above the end of the periodic column; else (the column runs off the field)
+       halfway between the places of a centred and a low field. The grid centre is
+       LEVELS_HALF_SPAN_MM above L5/S1 on the trace, kept inside the field where the field is
+       larger than the view (docs/architecture.md has the measured error).
     Without a column (periodicity share below MIN_PERIODICITY or shorter than MIN_COLUMN_MM) the
     centre is the field centre and the midline the stack centre; ``found`` says which.
     """
@@ -475,10 +475,7 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
         )
         lumbar = lumbar[(lumbar >= 0) & (lumbar < grid.size)]
         col = float(np.median(path[lumbar])) if lumbar.size else float(np.median(path[run[0] : run[1] + 1]))
-        col -= CANAL_ANTERIOR_MM / COARSE_MM
-        l5s1_col = (
-            float(path[int(np.clip(round(l5s1_row), 0, grid.size - 1))]) - CANAL_ANTERIOR_MM / COARSE_MM
-        )
+        l5s1_col = float(path[int(np.clip(round(l5s1_row), 0, grid.size - 1))])
         centre_yz = grid.view_px_to_patient_yz([col, centre_row])
         l5s1 = grid.view_px_to_patient_yz([l5s1_col, l5s1_row])
         trace = np.arange(run[0], run[1] + 1)
