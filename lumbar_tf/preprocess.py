@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from lumbar_tf.core.config import PreprocessConfig, ViewSpec
-from lumbar_tf.dicom.reader import SAGITTAL_T2, DicomError, Series, Study
+from lumbar_tf.dicom.reader import DicomError, Series, Study
 
 # === Intensity ===
 
@@ -142,6 +142,9 @@ class ViewGrid:
     center_yz: np.ndarray  # (2,) patient (y0, z0) mm
     spine_crop_mm: float
     size: int
+    # A point of the spine's midline plane (patient x, y, z mm; `find_spine`): slices are chosen by
+    # their distance from it. None: from the stack centre.
+    midline_xyz: np.ndarray | None = None
 
     @property
     def mm_per_px(self) -> float:
@@ -172,9 +175,7 @@ class ViewGrid:
 
 
 def _reference_sagittal(study: Study) -> Series:
-    series = study.series_by_description(SAGITTAL_T2)
-    if series is not None and series.plane == "sagittal":
-        return series
+    """The series the spine is found on: Sagittal T2/STIR, else Sagittal T1, else another sagittal."""
     candidates = study.sagittal_series()
     if not candidates:
         raise DicomError(study.path, "no sagittal series")
@@ -182,14 +183,317 @@ def _reference_sagittal(study: Study) -> Series:
 
 
 def view_grid_for_study(study: Study, cfg: PreprocessConfig) -> ViewGrid:
-    """The study's view grid, centred on the Sagittal T2/STIR field of view (mean (y, z) of its
-    slice centres); fallback: the first other sagittal series (Sagittal T1 first)."""
-    series = _reference_sagittal(study)
-    centers = np.array([s.center for s in series.slices])
+    """The study's view grid, placed on the lumbar spine found in the image (`find_spine`) of the
+    reference sagittal series (`_reference_sagittal`); on its field centre where no spine is found."""
+    return _grid_from_spine(find_spine(_reference_sagittal(study), cfg), cfg)
+
+
+def _grid_from_spine(spine: SpineLocation, cfg: PreprocessConfig) -> ViewGrid:
     return ViewGrid(
-        center_yz=centers[:, 1:3].mean(axis=0),
+        center_yz=spine.center_yz,
         spine_crop_mm=float(cfg.spine_crop_mm),
         size=int(cfg.view_size),
+        midline_xyz=spine.midline_xyz,
+    )
+
+
+# === Finding the spine ===
+
+# Working resolution of the coarse pass over the whole field.
+COARSE_MM = 2.0
+# Vertebra + disc periods searched for (thoracic ~24 mm up to large lumbar ~42 mm).
+_PERIODS_MM = (24.0, 30.0, 36.0, 42.0)
+# Calibration of the column trace to the levels (measured on phantoms, see docs/architecture.md):
+# the periodic column (vertebral bodies + spinous processes) fades this far below L5/S1 (sacrum) ...
+SACRAL_TAIL_MM = 60.0
+# ... or, where it runs off the bottom of the field (no sacral end seen), L5/S1 is taken halfway
+# between a lumbar-centred field (L5/S1 LEVELS_HALF_SPAN_MM below the field centre) and one with
+# L5/S1 this close to its lower edge: lumbar fields are planned from centred to low;
+CUT_TAIL_MM = 20.0
+# L1/L2..L5/S1 span about twice this (the grid centre is this far above L5/S1, on the trace).
+LEVELS_HALF_SPAN_MM = 62.0
+# A column counts as found when its band-pass share (periodic energy / all vertical variation) is
+# at least this along the trace, over at least this length; noise gives ~0.3, a spine 0.5-0.8.
+MIN_PERIODICITY = 0.45
+MIN_COLUMN_MM = 100.0
+# The sacrum leaves the lumbar column tilted back from vertical by 30-60 degrees: where the trace
+# bends back by more than SACRAL_BEND_DEG over SACRAL_BEND_MM, that bend is the lumbosacral junction.
+SACRAL_BEND_DEG = 28.0
+SACRAL_BEND_MM = 30.0
+# The trace leaves the lumbar column for the sacrum early, by about the periodicity filter's
+# half-width (its envelope blurs the sacrum upwards): L5/S1 lies this far below the bend's middle.
+BEND_LAG_MM = 20.0
+# Half-range of the midline search about the stack centre, and the mirror distances compared.
+MIDLINE_SEARCH_MM = 12.0
+_MIRROR_MM = (4.0, 8.0, 12.0)
+
+
+@dataclass(frozen=True)
+class SpineLocation:
+    """Where `find_spine` put the lumbar spine (patient mm) and how it got there."""
+
+    found: bool  # a vertebral column was traced; False: the grid falls back to the field centre
+    center_yz: np.ndarray  # (2,) centre for the view grid
+    midline_xyz: np.ndarray  # (3,) a point of the midline plane, at the spine
+    l5s1_yz: np.ndarray | None  # (2,) estimated L5/S1 canal point (None where not found)
+    column_yz: np.ndarray  # [n, 2] the traced column (posterior elements), for pictures and tests
+    midline_offset_mm: float  # midline relative to the stack centre, along the slice normal
+
+
+def _row_filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return cv2.filter2D(img, -1, kernel[:, None].astype(np.float32), borderType=cv2.BORDER_REFLECT)
+
+
+def periodicity_map(img: np.ndarray, mm_per_px: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
+    """Head-feet periodicity of a sagittal image ``[H, W]`` (rows = head -> feet), floats in [0, 1].
+
+    A stack of vertebrae and discs repeats every 24-42 mm along the spine; a skin edge, noise or
+    bowel does not. Per pixel: the largest quadrature (complex Gabor) response over the periods,
+    and its *share*: that response over all vertical variation in the same window (about 1 for a
+    pure period, low for edges and noise). Returns (share x response, share).
+    """
+    best = np.zeros_like(img)
+    share = np.zeros_like(img)
+    for period in _PERIODS_MM:
+        p = period / mm_per_px
+        sigma = 0.75 * p
+        t = np.arange(-int(np.ceil(2.5 * sigma)), int(np.ceil(2.5 * sigma)) + 1, dtype=np.float64)
+        env = np.exp(-t * t / (2 * sigma * sigma))
+        env /= env.sum()
+        re = env * np.cos(2 * np.pi * t / p)
+        re -= env * re.sum()
+        im = env * np.sin(2 * np.pi * t / p)
+        amplitude = np.sqrt(2.0) * np.hypot(_row_filter(img, re), _row_filter(img, im))
+        high = img - _row_filter(img, env)
+        total = np.sqrt(np.maximum(_row_filter(high * high, env), 0.0)) + 1e-3
+        better = amplitude > best
+        best = np.where(better, amplitude, best)
+        share = np.where(better, amplitude / total, share)
+    width = max(1, int(round(10.0 / mm_per_px)))  # 10 mm across
+    strength = cv2.boxFilter(np.clip(share, 0.0, 1.5) * best, -1, (width, 1), borderType=cv2.BORDER_REFLECT)
+    return strength, share
+
+
+def trace_column(strength: np.ndarray, valid_rows: np.ndarray, penalty: float = 0.5) -> np.ndarray:
+    """Column index per row (``[H]``) of the path of most periodic strength, moving at most one
+    column per row (45 degrees), by dynamic programming over the rows marked valid."""
+    rows = np.flatnonzero(valid_rows)
+    h, w = strength.shape
+    path = np.zeros(h, np.int64)
+    if rows.size == 0:
+        return path
+    norm = strength / (np.percentile(strength[rows], 99) + 1e-6)
+    idx = np.arange(w)
+    score = norm[rows[0]].copy()
+    back = np.zeros((rows.size, w), np.int64)
+    for n, r in enumerate(rows[1:], start=1):
+        cand = np.stack([np.r_[-np.inf, score[:-1]] - penalty, score, np.r_[score[1:], -np.inf] - penalty])
+        k = np.argmax(cand, axis=0)
+        score = cand[k, idx] + norm[r]
+        back[n] = idx + (k - 1)
+    col = int(np.argmax(score))
+    for n in range(rows.size - 1, -1, -1):
+        path[rows[n]] = col
+        col = back[n, col]
+    path[: rows[0]] = path[rows[0]]
+    path[rows[-1] + 1 :] = path[rows[-1]]
+    return path
+
+
+def _longest_run(on: np.ndarray, gap: int) -> tuple[int, int] | None:
+    """(first, last) index of the longest run of True, bridging gaps of up to ``gap``."""
+    idx = np.flatnonzero(on)
+    if idx.size == 0:
+        return None
+    runs, start, prev = [], idx[0], idx[0]
+    for i in idx[1:]:
+        if i - prev > gap:
+            runs.append((start, prev))
+            start = i
+        prev = i
+    runs.append((start, prev))
+    return max(runs, key=lambda r: r[1] - r[0])
+
+
+def _coarse_grid(series: Series, index: int) -> tuple[ViewGrid, np.ndarray, np.ndarray]:
+    """A square grid at COARSE_MM over the whole field of slice ``index`` -> (grid, field lo, hi)
+    where lo/hi are the (y, z) bounds of the field."""
+    s = series.slices[index]
+    corners = np.array([[0, 0], [s.cols - 1, 0], [0, s.rows - 1], [s.cols - 1, s.rows - 1]], dtype=np.float64)
+    yz = series.pixel_to_patient(index, corners)[:, 1:3]
+    lo, hi = yz.min(axis=0), yz.max(axis=0)
+    size = int(np.ceil((hi - lo).max() / COARSE_MM)) + 1
+    return ViewGrid(center_yz=(lo + hi) / 2, spine_crop_mm=size * COARSE_MM, size=size), lo, hi
+
+
+def _coarse_images(series: Series, indices, grid: ViewGrid, cfg: PreprocessConfig) -> np.ndarray:
+    """Slices ``indices`` normalised together, low-passed and resampled onto ``grid`` -> float32
+    ``[k, S, S]`` in [0, 1]; outside the field the image is mirrored (no false edge at its border)."""
+    pixels = normalized_slices(series, indices, cfg.clip_percentiles)
+    out = []
+    for i, img in zip(indices, pixels):
+        px_mm = min(series.slices[i].pixel_spacing)
+        sigma = 0.5 * COARSE_MM / px_mm
+        smooth = (
+            cv2.GaussianBlur(img.astype(np.float32) / 255.0, (0, 0), sigma) if sigma > 0.6 else img / 255.0
+        )
+        out.append(
+            cv2.warpAffine(
+                smooth.astype(np.float32),
+                view_to_slice_affine(series, i, grid),
+                (grid.size, grid.size),
+                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                borderMode=cv2.BORDER_REFLECT,
+            )
+        )
+    return np.stack(out)
+
+
+def _column(img: np.ndarray, valid_rows: np.ndarray):
+    """(path [S], run (first, last) or None, periodicity share along the run) of one coarse image."""
+    strength, share = periodicity_map(img)
+    path = trace_column(strength, valid_rows)
+    rows = np.arange(img.shape[0])
+    along = cv2.GaussianBlur(strength[rows, path].astype(np.float32)[:, None], (1, 0), 5.0)[:, 0]
+    along = np.where(valid_rows, along, 0.0)
+    ref = np.percentile(along[valid_rows], 90) if valid_rows.any() else 0.0
+    run = _longest_run(along > 0.4 * ref, gap=int(round(20.0 / COARSE_MM))) if ref > 0 else None
+    if run is None:
+        return path, None, 0.0
+    return path, run, float(np.median(share[rows[run[0] : run[1] + 1], path[run[0] : run[1] + 1]]))
+
+
+def _sacral_bend(path: np.ndarray, run: tuple[int, int]) -> float | None:
+    """Row of the bend where the traced column turns back into the sacrum: the middle of the
+    lowest-but-one-third stretch whose SACRAL_BEND_MM windows bend back by more than
+    SACRAL_BEND_DEG; None where the column does not bend so."""
+    first, last = run
+    window = int(round(SACRAL_BEND_MM / COARSE_MM))
+    if last - first < 2 * window:
+        return None
+    ys = cv2.GaussianBlur(path[first : last + 1].astype(np.float32)[:, None], (1, 0), 3.0)[:, 0]
+    ahead = (ys[window:] - ys[:-window]) / window  # columns posterior per row feet-ward
+    bent = ahead > np.tan(np.radians(SACRAL_BEND_DEG))
+    # Only below the upper third of the trace (thoracic kyphosis and lordosis bend the other way).
+    bent[: len(bent) // 3] = False
+    stretch = _longest_run(bent, gap=0)
+    if stretch is None:
+        return None
+    return first + 0.5 * (stretch[0] + stretch[1]) + window / 2 + BEND_LAG_MM / COARSE_MM
+
+
+def _mirror_midline(images: np.ndarray, lateral: np.ndarray, band: tuple[slice, slice]) -> float | None:
+    """Lateral position (mm, stack frame) of the plane about which the stack is most symmetric.
+
+    Compares the images at c + d and c - d (linear between neighbouring slices) inside ``band``
+    for candidate planes c within MIDLINE_SEARCH_MM of the stack centre; None if the stack is too
+    narrow to compare any pair.
+    """
+    order = np.argsort(lateral)
+    lateral, crops = lateral[order], images[order][:, band[0], band[1]]
+
+    def at(x: float):
+        if x < lateral[0] - 1e-6 or x > lateral[-1] + 1e-6:
+            return None
+        k = int(np.clip(np.searchsorted(lateral, x) - 1, 0, len(lateral) - 2))
+        w = (x - lateral[k]) / max(lateral[k + 1] - lateral[k], 1e-6)
+        return (1 - w) * crops[k] + w * crops[k + 1]
+
+    best, best_c = np.inf, None
+    for c in np.arange(-MIDLINE_SEARCH_MM, MIDLINE_SEARCH_MM + 0.25, 0.5):
+        diffs = []
+        for d in _MIRROR_MM:
+            a, b = at(c + d), at(c - d)
+            if a is not None and b is not None:
+                diffs.append(float(np.mean(np.abs(a - b))))
+        if len(diffs) == len(_MIRROR_MM) and np.mean(diffs) < best:
+            best, best_c = float(np.mean(diffs)), float(c)
+    return best_c
+
+
+def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
+    """Find the lumbar spine in a sagittal series, from its pixels alone (the same in training and
+    inference; never from labels).
+
+    1. Coarse pass: the slices within ~28 mm of the stack centre, normalised, at COARSE_MM over the
+       whole field. On the centre slice the vertebral column is traced as the head-feet path of
+       strongest periodicity (`periodicity_map`, `trace_column`).
+    2. Midline: the plane about which those slices are most symmetric near the column
+       (`_mirror_midline`), searched +-12 mm about the stack centre; the column is re-traced on
+       the slice nearest to it.
+    3. L5/S1 from the sacrum: where the trace bends back into the sacrum (`_sacral_bend`); else
+       SACRAL_TAIL_MM above the end of the periodic column; else (the column runs off the field)
+       halfway between the places of a centred and a low field. The grid centre is
+       LEVELS_HALF_SPAN_MM above L5/S1 on the trace, kept inside the field where the field is
+       larger than the view (docs/architecture.md has the measured error).
+    Without a column (periodicity share below MIN_PERIODICITY or shorter than MIN_COLUMN_MM) the
+    centre is the field centre and the midline the stack centre; ``found`` says which.
+    """
+    lateral = series.lateral_positions_mm()
+    positions = series.positions_mm()
+    centre_index = int(np.argmin(np.abs(lateral)))
+    field_centre = np.array([s.center for s in series.slices])[:, 1:3].mean(axis=0)
+    grid, lo, hi = _coarse_grid(series, centre_index)
+    reach = MIDLINE_SEARCH_MM + max(_MIRROR_MM) + 4.0
+    near = [i for i in range(len(series.slices)) if abs(lateral[i]) <= reach]
+    images = _coarse_images(series, near, grid, cfg)
+    rows_yz = grid.view_px_to_patient_yz(np.stack([np.zeros(grid.size), np.arange(grid.size)], axis=1))
+    valid_rows = (rows_yz[:, 1] >= lo[1] - 1e-6) & (rows_yz[:, 1] <= hi[1] + 1e-6)
+    k = near.index(centre_index)
+    path, run, share = _column(images[k], valid_rows)
+    midline = 0.0
+    found = run is not None and share >= MIN_PERIODICITY and (run[1] - run[0]) * COARSE_MM >= MIN_COLUMN_MM
+    if found:
+        cols = slice(
+            max(0, int(path[run[0] : run[1] + 1].min() - 60 / COARSE_MM)), int(path.max() + 20 / COARSE_MM)
+        )
+        mirrored = _mirror_midline(images, lateral[near], (slice(run[0], run[1] + 1), cols))
+        if mirrored is not None:
+            midline = mirrored
+            k_mid = int(np.argmin(np.abs(lateral[near] - midline)))
+            if k_mid != k:
+                path2, run2, share2 = _column(images[k_mid], valid_rows)
+                if run2 is not None and share2 >= MIN_PERIODICITY:
+                    path, run = path2, run2
+    normal = series.normal
+    if not found:
+        centre_yz = field_centre
+        l5s1, column = None, np.zeros((0, 2))
+    else:
+        bottom_valid = int(np.flatnonzero(valid_rows).max())
+        bend = _sacral_bend(path, run)
+        if bend is not None:
+            l5s1_row = bend
+        elif run[1] >= bottom_valid - 5:  # within 10 mm of the edge: the sacrum's end is not in the field
+            centred = grid.patient_yz_to_view_px(field_centre)[1] + LEVELS_HALF_SPAN_MM / COARSE_MM
+            l5s1_row = 0.5 * (centred + bottom_valid - CUT_TAIL_MM / COARSE_MM)
+        else:
+            l5s1_row = run[1] - SACRAL_TAIL_MM / COARSE_MM
+        centre_row = l5s1_row - LEVELS_HALF_SPAN_MM / COARSE_MM
+        lumbar = np.arange(
+            int(max(run[0], centre_row - LEVELS_HALF_SPAN_MM / COARSE_MM)), int(max(l5s1_row, run[0])) + 1
+        )
+        lumbar = lumbar[(lumbar >= 0) & (lumbar < grid.size)]
+        col = float(np.median(path[lumbar])) if lumbar.size else float(np.median(path[run[0] : run[1] + 1]))
+        l5s1_col = float(path[int(np.clip(round(l5s1_row), 0, grid.size - 1))])
+        centre_yz = grid.view_px_to_patient_yz([col, centre_row])
+        l5s1 = grid.view_px_to_patient_yz([l5s1_col, l5s1_row])
+        trace = np.arange(run[0], run[1] + 1)
+        column = grid.view_px_to_patient_yz(np.stack([path[trace], trace], axis=1).astype(np.float64))
+        half = float(cfg.spine_crop_mm) / 2
+        a, b = lo + half, hi - half  # a <= b: the view fits in the field; else keep the field in the view
+        centre_yz = np.clip(centre_yz, np.minimum(a, b), np.maximum(a, b))
+    # The midline plane {X . n = mean position + midline}, at the spine's (y, z).
+    plane = float(positions.mean()) + midline
+    y, z = (float(v) for v in centre_yz)
+    x = (plane - normal[1] * y - normal[2] * z) / normal[0] if abs(normal[0]) > 1e-6 else 0.0
+    return SpineLocation(
+        found=bool(found),
+        center_yz=np.asarray(centre_yz, dtype=np.float64),
+        midline_xyz=np.array([x, y, z]),
+        l5s1_yz=l5s1,
+        column_yz=column,
+        midline_offset_mm=float(midline),
     )
 
 
@@ -251,26 +555,31 @@ def view_norm_to_source_px(series: Series, slice_index: int, xy_norm, grid: View
 # === Views ===
 
 
-def choose_slices(series: Series, offsets_mm) -> list[int]:
+def choose_slices(series: Series, offsets_mm, midline_xyz=None) -> list[int]:
     """Index (into ``series.slices``) of the slice nearest to each lateral offset.
 
-    Offsets in mm from the stack centre along the slice normal, patient-left positive for a
-    sagittal series (`Series.lateral_positions_mm`); ties go to the lower index.
+    Offsets in mm along the slice normal (patient-left positive for a sagittal series) from the
+    midline plane through ``midline_xyz`` (`find_spine`; any series of the study: the patient's
+    midline, not the stack's); without it, from the stack centre (`Series.lateral_positions_mm`).
+    Ties go to the lower index.
     """
-    lateral = series.lateral_positions_mm()
+    if midline_xyz is None:
+        lateral = series.lateral_positions_mm()
+    else:
+        lateral = series.positions_mm() - float(np.asarray(midline_xyz, dtype=np.float64) @ series.normal)
     return [int(np.argmin(np.abs(lateral - float(o)))) for o in offsets_mm]
 
 
 def build_view(
     series: Series, spec: ViewSpec, grid: ViewGrid, cfg: PreprocessConfig
 ) -> tuple[np.ndarray, list[int]]:
-    """One view: uint8 ``[S, S, 3]`` (channel c = slice nearest ``spec.offsets_mm[c]``) and the
-    instance numbers of the three slices.
+    """One view: uint8 ``[S, S, 3]`` (channel c = slice nearest ``spec.offsets_mm[c]`` from the
+    grid's midline) and the instance numbers of the three slices.
 
     Decodes only the chosen slices; percentiles over those (distinct) slices together; CLAHE per
     slice on its own pixel grid; bilinear ``cv2.warpAffine`` onto the view grid, 0 outside.
     """
-    chosen = choose_slices(series, spec.offsets_mm)
+    chosen = choose_slices(series, spec.offsets_mm, grid.midline_xyz)
     distinct = sorted(set(chosen))
     by_index = dict(zip(distinct, prepared_slices(series, distinct, cfg)))
     size = int(grid.size)
@@ -287,28 +596,62 @@ def build_view(
     return view, [series.slices[i].instance_number for i in chosen]
 
 
+def view_series(study: Study, cfg: PreprocessConfig) -> dict[str, Series | None]:
+    """The series each view is built from (None: a zero view).
+
+    A view's own description wins. Where the localiser's view (the first) has no series, another
+    sagittal series stands in (Sagittal T1 first), so the levels are still found: training
+    substitutes the same way (`data.dataset`), so the model knows both contrasts there.
+    """
+    out: dict[str, Series | None] = {}
+    for k, spec in enumerate(cfg.views):
+        series = study.series_by_description(spec.series_description)
+        if series is None and k == 0:
+            series = next(iter(study.sagittal_series()), None)
+        out[spec.name] = series
+    return out
+
+
 def build_views(
     study: Study, cfg: PreprocessConfig
 ) -> tuple[dict[str, np.ndarray], ViewGrid, dict[str, list[int]], list[str]]:
     """All configured views of a study -> (views, grid, instance numbers per view, warnings).
 
-    A missing series gives a zero view, an empty instance list and a warning; no sagittal series
-    at all raises DicomError(study path, "no sagittal series"). The warnings start with the
-    study's own (`Study.warnings`: ignored or duplicate series).
+    The grid is placed on the spine found in the reference sagittal series (`find_spine`). A
+    missing series gives a zero view (the localiser's view: another sagittal series, see
+    `view_series`), an empty instance list and a warning; no usable sagittal series at all
+    raises DicomError(study path, "no sagittal series"). The warnings start with the
+    study's own (`Study.warnings`: series skipped or set aside, slices dropped).
     """
-    grid = view_grid_for_study(study, cfg)
+    reference = _reference_sagittal(study)
+    spine = find_spine(reference, cfg)
+    grid = _grid_from_spine(spine, cfg)
+    warnings = list(study.warnings)
+    if not spine.found:
+        warnings.append(
+            f"series {reference.series_id}: no vertebral column found in the image; "
+            "view grid centred on the field"
+        )
     views: dict[str, np.ndarray] = {}
     info: dict[str, list[int]] = {}
-    warnings = list(study.warnings)
     for spec in cfg.views:
-        series = study.series_by_description(spec.series_description)
+        series = view_series(study, cfg)[spec.name]
         if series is None:
             views[spec.name] = np.zeros((grid.size, grid.size, 3), dtype=np.uint8)
             info[spec.name] = []
             warnings.append(f"no {spec.series_description!r} series; view {spec.name} is zeros")
             continue
+        if _norm(series.description) != _norm(spec.series_description):
+            warnings.append(
+                f"no {spec.series_description!r} series; view {spec.name} built from "
+                f"{series.description!r} series {series.series_id}"
+            )
         views[spec.name], info[spec.name] = build_view(series, spec, grid, cfg)
     return views, grid, info, warnings
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).casefold().split())
 
 
 # === Level crops ===
@@ -422,11 +765,15 @@ def view_norm_to_crop_px(box, xy_norm, cfg: PreprocessConfig) -> np.ndarray:
 
 
 __all__ = [
+    "SpineLocation",
     "ViewGrid",
     "apply_clahe",
     "build_view",
     "build_views",
     "choose_slices",
+    "find_spine",
+    "periodicity_map",
+    "trace_column",
     "crop_and_resize",
     "crop_levels",
     "crop_px_to_view_norm",
@@ -440,6 +787,7 @@ __all__ = [
     "source_px_to_view_norm",
     "to_uint8",
     "view_grid_for_study",
+    "view_series",
     "view_norm_to_crop_px",
     "view_norm_to_source_px",
     "view_px_to_crop_px",

@@ -306,3 +306,115 @@ def write_stacks(
         paths.append(path)
         positions.append(position)
     return paths, positions
+
+
+# === A drawn lumbar spine =======================================================================
+
+LEVEL_NAMES = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+
+
+@dataclass
+class Spine:
+    """A simple drawn spine in patient mm: enough anatomy for finding it, not for grading.
+
+    Vertebral bodies and discs stacked along z (lumbar 25 + 10 mm, thoracic 20 + 6 mm, up to the
+    top of any field), the canal behind them, spinous processes behind that, and below L5/S1 the
+    sacrum: one fused block tilted ``sacral_tilt_deg`` back from vertical, the canal ending 40 mm
+    down it. ``l5s1`` is the (y, z) of the L5/S1 canal point; ``x_mid`` the midline.
+    """
+
+    l5s1: tuple[float, float] = (0.0, -60.0)
+    x_mid: float = 0.0
+    sacral_tilt_deg: float = 40.0
+    contrast: str = "T2"  # "T2": bright CSF and discs; "T1": dark CSF, dark discs, bright marrow
+
+    CANAL_D = 26.0  # canal centre behind the body centre line (mm)
+
+    def canal_points(self) -> np.ndarray:
+        """``[5, 3]`` patient (x, y, z) of the canal points L1/L2 .. L5/S1."""
+        y0, z0 = self.l5s1
+        return np.array([[self.x_mid, y0, z0 + 35.0 * (4 - k)] for k in range(5)])
+
+    def foramen_points(self, side: int) -> np.ndarray:
+        """``[5, 3]`` foramen points, 15 mm to the patient's left (side 0) or right (side 1)."""
+        pts = self.canal_points()
+        pts[:, 0] += 15.0 * (1 - 2 * side)
+        pts[:, 1] -= 4.0
+        return pts
+
+    def render(self, x, y, z) -> np.ndarray:
+        """Signal 0..1 at patient points (arrays of one shape)."""
+        t2 = self.contrast == "T2"
+        tissue = {
+            "soft": 0.3,
+            "body": 0.45 if t2 else 0.7,
+            "disc": 0.75 if t2 else 0.3,
+            "csf": 0.95 if t2 else 0.12,
+            "bone": 0.35 if t2 else 0.55,
+        }
+        lat = np.abs(x - self.x_mid)
+        d = y - (self.l5s1[0] - self.CANAL_D)  # posterior distance from the body centre line
+        s = z - self.l5s1[1]  # mm above the L5/S1 disc centre
+        img = np.full(np.broadcast(x, y, z).shape, tissue["soft"], np.float32)
+        # Above L5/S1: lumbar segments of 35 mm (disc centred at s = 35 k), thoracic of 26 mm above L1.
+        lumbar = s < 4 * 35.0 + 17.5
+        seg = np.where(lumbar, 35.0, 26.0)
+        base = np.where(lumbar, 0.0, 4 * 35.0 + 17.5 - 13.0)
+        phase = np.mod(s - base + seg / 2, seg) - seg / 2  # 0 at a disc centre
+        disc_half = np.where(lumbar, 5.0, 3.0)
+        above = s > -5.0
+        # Elliptic cross-sections, so neighbouring sagittal slices change smoothly.
+        column = above & ((d / 17.0) ** 2 + (lat / 25.0) ** 2 < 1.0)
+        img[column] = np.where(np.abs(phase[column]) < disc_half[column], tissue["disc"], tissue["body"])
+        canal = above & (((d - self.CANAL_D) / 7.0) ** 2 + (lat / 10.0) ** 2 < 1.0)
+        img[canal] = tissue["csf"]
+        spinous = above & (d > 38.0) & (d < 70.0) & (lat < 5.0) & (np.abs(phase - seg * 0.35) < seg * 0.25)
+        img[spinous] = tissue["bone"]
+        # The sacrum: a block tilted back from vertical, starting under the L5/S1 disc.
+        a = np.radians(self.sacral_tilt_deg)
+        down = np.array([np.sin(a), -np.cos(a)])  # (y, z) unit vector along the sacrum, feet-ward
+        rel_y, rel_z = d, s + 5.0
+        along = rel_y * down[0] + rel_z * down[1]
+        across = rel_y * -down[1] + rel_z * down[0]  # posterior across the sacrum
+        depth = 17.0 - 0.1 * along
+        sacrum = (along > 0) & (along < 100.0) & ((across / depth) ** 2 + (lat / 30.0) ** 2 < 1.0)
+        img[sacrum] = tissue["body"]
+        sac_canal = (along > 0) & (along < 40.0) & (np.abs(across - self.CANAL_D) < 5.0) & (lat < 8.0)
+        img[sac_canal] = tissue["csf"]
+        return img
+
+
+def spine_pixels(spec: SeriesSpec, spine: Spine, noise: float = 0.03) -> np.ndarray:
+    """Stored values ``[n, rows, cols]`` of ``spec``'s slices through ``spine`` (12-bit)."""
+    row_dir, col_dir, _ = iop_vectors(spec.iop)
+    cols = np.arange(spec.cols, dtype=np.float64)[None, :, None] * spec.pixel_spacing[1]
+    rows = np.arange(spec.rows, dtype=np.float64)[:, None, None] * spec.pixel_spacing[0]
+    rng = np.random.default_rng(spec.seed)
+    out = []
+    for ipp in slice_positions(spec):
+        pts = ipp + cols * row_dir + rows * col_dir  # [rows, cols, 3]
+        img = spine.render(pts[..., 0], pts[..., 1], pts[..., 2])
+        img = img + rng.normal(0.0, noise, img.shape)
+        out.append(np.clip(img * 3000 + 200, 0, 4095))
+    return np.stack(out).astype(np.uint16)
+
+
+def spine_series(spine: Spine, description: str = "Sagittal T2/STIR", **kwargs) -> SeriesSpec:
+    """A SeriesSpec (``kwargs`` set its geometry) with pixels drawn from ``spine``."""
+    spec = SeriesSpec(description, slope=None, intercept=None, **kwargs)
+    spec.pixels = spine_pixels(spec, spine)
+    return spec
+
+
+def label_rows(study_id: str, series_id: str, spec: SeriesSpec, points: np.ndarray, condition: str) -> list:
+    """train_label_coordinates.csv rows of ``points`` ([5, 3] patient mm) on the slice of ``spec``
+    nearest to each (the instance a reader would click on)."""
+    row_dir, col_dir, normal = iop_vectors(spec.iop)
+    positions = slice_positions(spec)
+    out = []
+    for level, p in zip(LEVEL_NAMES, points):
+        k = int(np.argmin([abs((p - q) @ normal) for q in positions]))
+        rel = p - positions[k]
+        x, y = rel @ row_dir / spec.pixel_spacing[1], rel @ col_dir / spec.pixel_spacing[0]
+        out.append([study_id, series_id, k + 1, condition, level, round(float(x), 3), round(float(y), 3)])
+    return out

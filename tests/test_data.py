@@ -37,7 +37,8 @@ def test_pipeline_batch_shapes_and_masks(phantom_cache, tiny_config):
     ids = load_studies(phantom_cache, p)["study_id"]
     x, y = next(iter(localizer_dataset(phantom_cache, p, ids, batch_size=4, training=True)))
     assert x.shape == (4, 64, 64, 3) and y.shape == (4, 5, 3)
-    assert float(np.min(y[..., :2])) > 0 and float(np.max(y[..., :2])) < 1
+    shown = y[..., :2].numpy()[y[..., 2].numpy() > 0.5]  # levels the augmentation kept in the view
+    assert shown.size and float(np.min(shown)) > 0 and float(np.max(shown)) < 1
 
     inputs, y = next(iter(grader_dataset(phantom_cache, p, ids, batch_size=8, training=False)))
     assert set(inputs) == {"sag_t2", "sag_t1", "level_index"}
@@ -65,7 +66,8 @@ def test_level_points_land_inside_views(phantom_cache, tiny_config):
     studies = load_studies(phantom_cache, tiny_config.preprocess)
     xy, present = studies["level_xy"], studies["level_present"]
     assert present.mean() > 0.95
-    assert np.all((xy[present > 0] > 0.05) & (xy[present > 0] < 0.95))
+    # Inside the view, on a grid placed by the spine finder (its error is a few cm: docs/architecture.md).
+    assert np.all((xy[present > 0] > 0.02) & (xy[present > 0] < 0.98))
     # Levels run from head (top, small y) to sacrum (bottom).
     assert np.all(np.diff(xy[..., 1], axis=1) > 0)
 

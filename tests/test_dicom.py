@@ -273,13 +273,16 @@ def test_instance_without_pixel_data(tmp_path):
     _expect(study_dir, paths[0], "no pixel data")
 
 
-def test_slices_of_different_sizes(tmp_path):
+def test_a_slice_of_another_size_is_dropped_with_a_warning(tmp_path):
     study_dir, paths = _one_series(tmp_path)
     ds = pydicom.dcmread(paths[2])
     ds.Rows, ds.Columns = 20, 24
     ds.PixelData = np.zeros((20, 24), "<u2").tobytes()
     ds.save_as(paths[2])
-    _expect(study_dir, paths[2], "slice size 20x24 differs from the series' 40x48")
+    study = read_study(study_dir)  # the odd slice is dropped, not the study
+    assert paths[2] not in [s.path for s in study.series[SAGITTAL_T2].slices]
+    assert len(study.series[SAGITTAL_T2].slices) == 3
+    assert "series 1: dropped 1 slice(s) of 20x24 (the series' slices are 40x48)" in study.warnings
 
 
 @pytest.mark.parametrize(

@@ -246,15 +246,21 @@ def test_build_views_missing_series_and_no_sagittal(tmp_path):
     assert err.value.path == study.path
 
 
-def test_build_views_decodes_only_chosen_slices(tmp_path, spy_decodes):
+def test_build_views_decodes_only_what_it_needs(tmp_path, spy_decodes):
+    """The spine finder reads the reference series' slices near the stack centre; the other views
+    decode only their chosen slices, and the axial series nothing."""
     study = read_study(write_study(tmp_path))
     cfg = PreprocessConfig(view_size=64)
-    _, _, info, _ = build_views(study, cfg)
-    expected = []
-    for spec in cfg.views:
-        series = study.series[spec.series_description]
-        expected += [str(series.slices[i].path) for i in sorted(set(choose_slices(series, spec.offsets_mm)))]
-    assert spy_decodes == expected and len(spy_decodes) == 6
+    _, grid, _, _ = build_views(study, cfg)
+    t2, t1 = study.series[SAGITTAL_T2], study.series[SAGITTAL_T1]
+    near = [str(s.path) for s, lat in zip(t2.slices, t2.lateral_positions_mm()) if abs(lat) <= 28.0]
+    chosen_t1 = [
+        str(t1.slices[i].path)
+        for i in sorted(set(choose_slices(t1, cfg.views[1].offsets_mm, grid.midline_xyz)))
+    ]
+    assert {p for p in spy_decodes if "/11/" in p} == set(near)  # the chosen T2 slices are among them
+    assert not any("/13/" in p for p in spy_decodes)
+    assert [p for p in spy_decodes if "/12/" in p] == chosen_t1
 
 
 # --- level crops ----------------------------------------------------------------------------

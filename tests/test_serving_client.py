@@ -367,7 +367,7 @@ def test_build_predictions_structure():
         level_positions=list(reversed(_level_positions())),
         warnings=["Sagittal T1 missing"],
     )
-    keys = ["study_id", "model", "cells", "levels", "warnings", "label_semantics", "intended_use"]
+    keys = ["study_id", "model", "cells", "levels", "series", "warnings", "label_semantics", "intended_use"]
     assert list(preds) == keys
     semantics = preds["label_semantics"]
     assert semantics["fine_grades"] is True and semantics["presence"] == "P(grade >=1)"

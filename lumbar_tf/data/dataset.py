@@ -169,9 +169,11 @@ def _level_points(study, grid, labels: StudyLabels) -> tuple[np.ndarray, np.ndar
     """Level centres in normalised view space from the coordinates file.
 
     The spinal canal point is the level centre; where it is absent, the mean of the other
-    conditions' points projected onto the sagittal plane stands in for it.
+    conditions' points projected onto the sagittal plane stands in for it. Points on a series
+    that was set aside (a repeat of one description) count too: every series of the study maps
+    onto the same patient grid.
     """
-    by_series = {s.series_id: s for s in study.series.values()}
+    by_series = {s.series_id: s for s in [*study.extra, *study.series.values()]}
     canal: dict[int, np.ndarray] = {}
     other: dict[int, list[np.ndarray]] = {}
     for row in labels.coordinates:
@@ -207,10 +209,16 @@ def prepare_study(
     cfg: PreprocessConfig,
     require_all_views: bool = True,
 ) -> dict:
-    """Decode one study into model-ready views plus its targets (raises DicomError/DatasetError)."""
+    """Decode one study into model-ready views plus its targets (raises DicomError/DatasetError).
+
+    The series the coordinates file names win where several share a description, so a repeat
+    series never takes the labels' place. The views (and their grid) are built exactly as at
+    inference (`preprocess.build_views`), from the image alone.
+    """
     study_dir = images_dir / check_study_id(study_id, str(images_dir))
     wanted = {spec.series_description for spec in cfg.views}
-    study = read_study(study_dir, descriptions.get(study_id), only=wanted)
+    labelled = {row["series_id"] for row in labels.coordinates} if labels is not None else None
+    study = read_study(study_dir, descriptions.get(study_id), only=wanted, prefer=labelled)
     if require_all_views:
         # Training data must be complete: a zeroed view would teach the grader that anatomy is absent.
         for spec in cfg.views:
@@ -605,13 +613,52 @@ def _photometric_augmenter(seed: int):
     )
 
 
+# Grid placement jitter of the localiser's training views, as fractions of the view: the view grid is
+# placed by `preprocess.find_spine`, whose error on phantoms is about 25 mm (median) / 50 mm (p90)
+# of L5/S1 (docs/architecture.md), so training shifts the field by up to 0.15 x 200 mm = 30 mm and
+# zooms 0.85-1.2 (body size). Done here, not at prepare time: a new draw every epoch, one cache.
+GRID_SHIFT = 0.15
+GRID_SCALE = (0.85, 1.2)
+# Per study, the chance that the localiser's view is replaced by the second sagittal view (what
+# `preprocess.view_series` does for a study without Sagittal T2/STIR), and (grader) that the second
+# view is zeroed (what a study without it gets).
+VIEW_DROPOUT = 0.1
+
+
+def _drop_views(views: dict, names, rate: float, zero_second: bool):
+    """View dropout on one study's views: with probability ``rate`` the first view becomes the
+    second one (a missing Sagittal T2 seen through T1); with ``zero_second`` and probability
+    ``rate`` more the second view is zeros. Needs two views with content; else unchanged."""
+    import tensorflow as tf
+
+    if rate <= 0 or len(names) < 2:
+        return views
+    first, second = names[0], names[1]
+    u = tf.random.uniform([])
+    has_second = tf.reduce_any(views[second] > 0)
+    out = dict(views)
+    out[first] = tf.where((u < rate) & has_second, views[second], views[first])
+    if zero_second:
+        out[second] = tf.where((u >= rate) & (u < 2 * rate), tf.zeros_like(views[second]), views[second])
+    return out
+
+
 def localizer_dataset(
-    cache_dir, cfg: PreprocessConfig, study_ids, *, batch_size: int, training: bool, seed: int = 0
+    cache_dir,
+    cfg: PreprocessConfig,
+    study_ids,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    view_dropout: float = VIEW_DROPOUT,
 ):
     """(view, y_true) batches for the localiser; y_true [5, 3] = (x, y, present).
 
-    Training adds a random zoom/shift of the whole view (coordinates moved with it) and
-    photometric augmentation.
+    Training adds a random zoom/shift of the whole view (`GRID_SHIFT`, `GRID_SCALE`: the spine
+    finder's error; coordinates moved with it, levels pushed out of the view masked), view
+    substitution (`VIEW_DROPOUT`: the T1 midline in place of the T2 one) and photometric
+    augmentation.
     """
     import tensorflow as tf
 
@@ -622,11 +669,12 @@ def localizer_dataset(
         ds = ds.shuffle(512, seed=seed, reshuffle_each_iteration=True).repeat()
 
     def to_example(r):
-        image = tf.cast(r["views"][view], tf.float32)
+        views = _drop_views(r["views"], cfg.view_names, view_dropout, False) if training else r["views"]
+        image = tf.cast(views[view], tf.float32)
         xy = r["level_xy"]
         if training:
-            scale = tf.random.uniform([], 0.85, 1.15)
-            shift = tf.random.uniform([2], -0.08, 0.08)
+            scale = tf.random.uniform([], *GRID_SCALE)
+            shift = tf.random.uniform([2], -GRID_SHIFT, GRID_SHIFT)
             x0 = 0.5 - scale / 2 + shift[0]
             y0 = 0.5 - scale / 2 + shift[1]
             box = tf.stack([y0, x0, y0 + scale, x0 + scale])[None]
@@ -663,12 +711,15 @@ def grader_dataset(
     training: bool,
     jitter_mm: float = 0.0,
     seed: int = 0,
+    view_dropout: float = VIEW_DROPOUT,
 ):
     """Per-level (crops, y_true) batches for the grader, cropped around the labelled level points.
 
     Inputs: one crop per view plus ``level_index``; y_true [5 conditions, 3 thresholds, 2] =
     (targets, mask). Training jitters each crop centre by up to ``jitter_mm`` (the localiser's
-    typical error), so the grader learns to read a level that is not perfectly centred.
+    typical error), so the grader learns to read a level that is not perfectly centred, and
+    applies view dropout per study (`_drop_views`), so a missing series costs accuracy, not
+    correctness.
     """
     import tensorflow as tf
 
@@ -698,9 +749,10 @@ def grader_dataset(
         if training and jitter > 0:
             xy = xy + tf.random.uniform(tf.shape(xy), -jitter, jitter)
         boxes = level_boxes_tf(xy, cfg)
+        views = _drop_views(r["views"], names, view_dropout, True) if training else r["views"]
         crops = {
             n: tf.image.crop_and_resize(
-                tf.cast(r["views"][n], tf.float32)[None],
+                tf.cast(views[n], tf.float32)[None],
                 boxes,
                 tf.zeros([L.N_LEVELS], tf.int32),
                 [cfg.crop_size, cfg.crop_size],

@@ -17,8 +17,13 @@ Geometry is DICOM patient coordinates, LPS (+x patient left, +y posterior, +z he
 Series types: the RSNA descriptions CSV wins; where a series is not in it, the type comes from the
 slice orientation (sagittal / axial from the slice normal) and the SeriesDescription text ("T1",
 "T2", "STIR"/"TIRM"), falling back on echo/inversion times. It maps onto the canonical names
-`SAGITTAL_T1`, `SAGITTAL_T2`, `AXIAL_T2`. Where two series claim one name, the one with more slices
-is kept (ties: the first in series-id order) and the other goes to `Study.extra` with a warning.
+`SAGITTAL_T1`, `SAGITTAL_T2`, `AXIAL_T2`. Where two series claim one name, the one the caller prefers
+(in training: the series the coordinates file names) wins, else the one covering most (lateral extent
+of the stack, then field area, then slice count; ties: the first in series-id order); the other goes to
+`Study.extra` with a warning naming both. Unusable series are set aside the same way, with a warning:
+a series whose slices do not lie in the plane its description names, or with a single slice. Within a
+series, slices of another size than most and slices at a duplicated position are dropped (warned).
+Warnings name series ids only (never paths or header text): they end up in predictions.json.
 """
 
 from __future__ import annotations
@@ -201,6 +206,7 @@ class Series:
     slices: list[SliceHeader]
     normal: np.ndarray
     dicom_description: str = ""  # SeriesDescription as written in the files
+    warnings: list[str] = field(default_factory=list)  # what reading it dropped (odd sizes, duplicates)
 
     @property
     def plane(self) -> str:
@@ -283,11 +289,12 @@ class Study:
         return None
 
     def sagittal_series(self) -> list[Series]:
-        """Sagittal series, Sagittal T2/STIR first, then Sagittal T1, then the others."""
+        """Sagittal series, Sagittal T2/STIR first, then Sagittal T1, then the others (set-aside
+        repeats and untyped sagittal series with at least two slices)."""
         order = {SAGITTAL_T2: 0, SAGITTAL_T1: 1}
         found = [s for s in self.series.values() if s.plane == "sagittal"]
         found.sort(key=lambda s: order.get(s.description, 2))
-        return found + [s for s in self.extra if s.plane == "sagittal"]
+        return found + [s for s in self.extra if s.plane == "sagittal" and len(s.slices) > 1]
 
 
 def _norm_text(text: str) -> str:
@@ -817,27 +824,23 @@ def _series_folders(study_dir: Path, warn: list[str]) -> list[Path]:
     return sorted(folders)
 
 
-def _series_warnings(series: Series) -> list[str]:
-    """Geometry that is graded, but not as it should be: named in predictions.json."""
-    out = []
-    positions = series.positions_mm()
-    if len(positions) > 1 and len(np.unique(np.round(positions, 3))) < len(positions):
-        n = len(positions) - len(np.unique(np.round(positions, 3)))
-        out.append(f"series {series.series_id}: {n} slice(s) share the position of another slice")
-    if len(positions) == 1 and series.plane == "sagittal":
-        out.append(f"series {series.series_id}: a single sagittal slice (no left-right extent)")
-    return out
-
-
 def _build_series(series_id: str, headers: list[SliceHeader], dicom_description: str) -> Series:
+    """Headers of one series -> Series ordered along the normal.
+
+    Slices of another size than most (ties: the larger matrix) and slices at a position another
+    slice already holds (the lower instance number is kept) are dropped with a warning.
+    """
+    notes: list[str] = []
     sizes = {(h.rows, h.cols) for h in headers}
     if len(sizes) > 1:
         counts = {s: sum((h.rows, h.cols) == s for h in headers) for s in sizes}
-        common = max(sorted(sizes), key=lambda s: counts[s])
-        odd = next(h for h in headers if (h.rows, h.cols) != common)
-        raise DicomError(
-            odd.path,
-            f"slice size {odd.rows}x{odd.cols} differs from the series' {common[0]}x{common[1]}",
+        common = max(sorted(sizes), key=lambda s: (counts[s], s[0] * s[1]))
+        odd = [h for h in headers if (h.rows, h.cols) != common]
+        headers = [h for h in headers if (h.rows, h.cols) == common]
+        shapes = ", ".join(sorted({f"{h.rows}x{h.cols}" for h in odd}))
+        notes.append(
+            f"series {series_id}: dropped {len(odd)} slice(s) of {shapes} "
+            f"(the series' slices are {common[0]}x{common[1]})"
         )
     normals = np.array([h.normal for h in headers])
     normals *= np.sign(normals @ normals[0])[:, None]  # align signs before averaging
@@ -849,13 +852,30 @@ def _build_series(series_id: str, headers: list[SliceHeader], dicom_description:
     order = sorted(
         range(len(headers)), key=lambda i: (headers[i].position @ normal, headers[i].instance_number)
     )
+    ordered = [headers[i] for i in order]
+    kept = _drop_duplicate_positions(ordered)
+    if len(kept) < len(ordered):
+        notes.append(
+            f"series {series_id}: dropped {len(ordered) - len(kept)} slice(s) at duplicated positions"
+        )
     return Series(
         series_id=series_id,
         description="",
-        slices=[headers[i] for i in order],
+        slices=kept,
         normal=normal,
         dicom_description=dicom_description,
+        warnings=notes,
     )
+
+
+def _drop_duplicate_positions(ordered: list[SliceHeader]) -> list[SliceHeader]:
+    """Keep the first slice of each run at one position (within 0.05 mm, the same in-plane origin)."""
+    kept = ordered[:1]
+    for h in ordered[1:]:
+        if np.linalg.norm(h.position - kept[-1].position) < 0.05:
+            continue
+        kept.append(h)
+    return kept
 
 
 def read_series(
@@ -868,8 +888,8 @@ def read_series(
     """Read the headers in one folder -> one Series per SeriesInstanceUID found there.
 
     ``root``: the study folder (links leaving it are not followed; default ``folder``);
-    ``warn``: where warnings go (links not followed, duplicate slice positions, a single
-    sagittal slice); default: Python warnings.
+    ``warn``: where warnings go (links not followed); default: Python warnings. Slices dropped
+    while building a series (duplicated positions, another size) are in ``Series.warnings``.
     """
     folder = Path(folder)
     groups: dict[str, list[tuple[SliceHeader, pydicom.Dataset]]] = {}
@@ -885,14 +905,15 @@ def read_series(
             sid = str(ds0.get("SeriesNumber", "") or uid or folder.name)
         series = _build_series(sid, [h for h, _ in items], str(ds0.get("SeriesDescription", "")))
         series.description = infer_description(series.dicom_description, series.plane, ds0) or ""
-        for message in _series_warnings(series):
-            _warn(warn, message)
         out.append(series)
     return out
 
 
 def read_study(
-    study_dir: str | Path, descriptions: dict[str, str] | None = None, only: Iterable[str] | None = None
+    study_dir: str | Path,
+    descriptions: dict[str, str] | None = None,
+    only: Iterable[str] | None = None,
+    prefer: Iterable[str] | None = None,
 ) -> Study:
     """Read every series' headers in ``study_dir`` (no pixels).
 
@@ -901,10 +922,11 @@ def read_study(
             grouped by SeriesInstanceUID).
         descriptions: ``series_id -> series description`` for this study (from the RSNA CSV,
             see `read_series_descriptions`); series not in it are typed from their headers.
-
         only: series descriptions wanted; a series folder that the CSV types as something else is
             not opened at all (saves reading e.g. the axial headers when only sagittal views are
             needed). Folders the CSV does not know are always read.
+        prefer: series ids that win where several series share a description (training passes
+            the series the coordinates file names, so its labels are never lost).
 
     A missing series is not an error: the Study just lacks it.
     """
@@ -914,6 +936,7 @@ def read_study(
     if not study_dir.is_dir():
         raise DicomError(study_dir, "not a folder")
     descriptions = {str(k): str(v) for k, v in (descriptions or {}).items()}
+    preferred = {str(p) for p in prefer or ()}
     found: list[Series] = []
     warn: list[str] = []
     folders = [study_dir] + _series_folders(study_dir, warn)
@@ -934,29 +957,62 @@ def read_study(
     if not found:
         raise DicomError(study_dir, "empty study folder (no DICOM files)")
     study = Study(study_id=study_dir.name, path=study_dir, series={}, warnings=warn)
+    candidates: dict[str, list[Series]] = {}
     for series in found:
+        study.warnings.extend(series.warnings)
         if series.series_id in descriptions:
             series.description = descriptions[series.series_id]
-        if not series.description:
+        reason = _unusable(series)
+        if reason is not None:
             study.extra.append(series)
-            # No paths or header strings in warnings: they end up in predictions.json.
+            study.warnings.append(f"series {series.series_id} {reason}; skipped")
+            continue
+        candidates.setdefault(series.description, []).append(series)
+    for description, group in candidates.items():
+        keep, why = _choose_series(group, preferred)
+        study.series[description] = keep
+        for drop in group:
+            if drop is keep:
+                continue
+            study.extra.append(drop)
             study.warnings.append(
-                f"series {series.series_id} ({series.plane}) is not "
-                f"{'/'.join(CANONICAL_DESCRIPTIONS)}; ignored"
+                f"series {keep.series_id} and {drop.series_id} are both {description!r}; "
+                f"used {keep.series_id} ({why})"
             )
-            continue
-        current = study.series.get(series.description)
-        if current is None:
-            study.series[series.description] = series
-            continue
-        keep, drop = (series, current) if len(series.slices) > len(current.slices) else (current, series)
-        study.series[series.description] = keep
-        study.extra.append(drop)
-        study.warnings.append(
-            f"series {current.series_id} and {series.series_id} are both "
-            f"{series.description!r}; kept {keep.series_id} ({len(keep.slices)} slices)"
-        )
     return study
+
+
+def _unusable(series: Series) -> str | None:
+    """Why a series cannot stand for its description (worded for a warning), or None."""
+    if not series.description:
+        return f"({series.plane}) is not {'/'.join(CANONICAL_DESCRIPTIONS)}"
+    wanted_plane = next((p for p in PLANES if _norm_text(series.description).startswith(p)), None)
+    if wanted_plane is not None and series.plane != wanted_plane:
+        return f"is described as {series.description!r} but its slices are {series.plane}"
+    if len(series.slices) < 2:
+        return "has a single slice"
+    return None
+
+
+def _coverage(series: Series) -> tuple[float, float, int]:
+    """(lateral extent of the stack mm, field area cm2, slices), each rounded so near-ties stay ties."""
+    pos = series.positions_mm()
+    extent = float(pos.max() - pos.min()) if len(pos) > 1 else 0.0
+    first = series.slices[0]
+    area = first.rows * first.pixel_spacing[0] * first.cols * first.pixel_spacing[1] / 100.0
+    return round(extent), round(area), len(series.slices)
+
+
+def _choose_series(group: list[Series], preferred: set[str]) -> tuple[Series, str]:
+    """The series that stands for one description, and why (for the warning)."""
+    named = [s for s in group if s.series_id in preferred]
+    if named:
+        return named[0], "named by the labels"
+    if len(group) == 1:
+        return group[0], ""
+    best = max(group, key=_coverage)  # max keeps the first of equals (series-id order)
+    others = [_coverage(s) for s in group if s is not best]
+    return best, "first in series-id order" if _coverage(best) in others else "covers most"
 
 
 def _series_sort_key(name: str):

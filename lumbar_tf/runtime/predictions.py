@@ -85,6 +85,7 @@ def build_predictions(
     warnings: list[str] | tuple[str, ...] = (),
     fine_grades: bool = True,
     label_semantics: dict | None = None,
+    series: dict | None = None,
 ) -> dict:
     """One study's `predictions.json` dict (DESIGN.md output contract).
 
@@ -102,6 +103,7 @@ def build_predictions(
             ``fine_grades`` and is written as the top-level ``label_semantics``. Without fine grades,
             P(none)/P(mild) mean nothing: ``grade``/``grade_probs`` are then in the 3-class RSNA
             space (normal_mild, moderate, severe) and a warning says mild is not distinguishable.
+        series: view name -> series id it was built from (None: a zero view); written as "series".
     """
     if label_semantics is None:
         label_semantics = {"fine_grades": bool(fine_grades), "known_thresholds": list(labels.THRESHOLDS)}
@@ -165,6 +167,7 @@ def build_predictions(
         },
         "cells": cells,
         "levels": levels,
+        "series": {str(k): None if v is None else str(v) for k, v in (series or {}).items()},
         "warnings": warnings,
         "label_semantics": {
             "known_thresholds": list(semantics.get("known_thresholds", [])),

@@ -144,5 +144,6 @@ def study_result(predictor, study: Study, built: tuple, outputs: dict, *, study_
         level_positions=positions,
         warnings=warnings,
         label_semantics=getattr(predictor, "label_semantics", None),
+        series={k: None if v is None else v.series_id for k, v in preprocess.view_series(study, cfg).items()},
     )
     return StudyResult(preds, study, outputs, views, grid, info, cfg)
