@@ -17,7 +17,6 @@ from pathlib import Path
 
 from lumbar_tf.core.config import PreprocessConfig, config_to_dict
 from lumbar_tf.core.errors import ConfigError, DatasetError, UsageError
-from lumbar_tf.core.ids import study_sort_key
 from lumbar_tf.core.io import write_json_atomic
 from lumbar_tf.data import dataset
 
@@ -60,30 +59,6 @@ def pipeline_options(runner: str, options: dict | None = None, extra_args: list[
     return PipelineOptions([f"--runner={RUNNERS[runner]}", *flags])
 
 
-def select_studies(index: dataset.DatasetIndex, split: str, study_ids=None) -> tuple[list[str], dict]:
-    """``(to decode, skipped with reasons)``: the same choice `dataset.prepare_cache` makes."""
-    wanted = (
-        study_ids
-        if study_ids is not None
-        else sorted(
-            {p.name for p in index.images_dir.iterdir() if p.is_dir()} | set(index.studies),
-            key=study_sort_key,
-        )
-    )
-    skipped: dict[str, str] = {}
-    todo = []
-    for sid in wanted:
-        if sid in index.problems:
-            skipped[sid] = index.problems[sid]
-        elif split == "train" and sid not in index.studies:
-            skipped[sid] = f"{sid}: no row in {split}.csv"
-        else:
-            todo.append(sid)
-    for sid, reason in index.problems.items():
-        skipped.setdefault(sid, reason)
-    return todo, skipped
-
-
 def _status(result) -> str:
     sid, record, error = result
     return json.dumps({"study_id": sid, "error": error, "warnings": record["warnings"] if record else []})
@@ -105,7 +80,7 @@ def prepare_cache_beam(
     from apache_beam.io.tfrecordio import WriteToTFRecord
 
     index = dataset.read_index(data_dir, split)
-    todo, skipped = select_studies(index, split, study_ids)
+    todo, skipped = dataset.select_studies(index, split, study_ids)
     if not todo:
         raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped)")
     cache = Path(cache_dir)

@@ -360,13 +360,9 @@ def prepare_cache(
             pool.terminate()
 
 
-def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, study_ids) -> dict:
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    index = read_index(data_dir, split)
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
+def select_studies(index: DatasetIndex, split: str, study_ids=None) -> tuple[list[str], dict[str, str]]:
+    """``(study ids to decode, {study_id: reason} of those skipped)``: one rule for the process pool
+    and the Beam pipeline (`data.beam_prepare`)."""
     wanted = (
         study_ids
         if study_ids is not None
@@ -390,6 +386,17 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
             todo.append(sid)
     for sid, reason in index.problems.items():
         skipped.setdefault(sid, reason)
+    return todo, skipped
+
+
+def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, study_ids) -> dict:
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    index = read_index(data_dir, split)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    todo, skipped = select_studies(index, split, study_ids)
 
     view_names = cfg.view_names
     n_shards = max(1, min(shards, len(todo)))

@@ -36,7 +36,8 @@ def build_dicom_results(result, *, deidentify: bool = False) -> dict[str, Datase
     """
     from lumbar_tf.report.heatmaps import midline_image
 
-    series = src.midline_series(result)
+    midline = result.midline()
+    series = midline[0] if midline else None
     if series is None:
         raise DicomError(result.study.path, "no midline sagittal slice holds the level positions; no SR")
     headers = src.series_headers(series)

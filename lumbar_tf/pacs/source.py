@@ -50,22 +50,6 @@ _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfRefe
 RESEARCH_PATIENT_NAME = "RESEARCH^COPY"
 
 
-def midline_series(result):
-    """The series that ``result.predictions["levels"]`` are placed on (the first configured view's
-    series holding the levels' instance), or None when the levels have no position."""
-    instance = next(
-        (lv["instance_number"] for lv in result.predictions.get("levels", []) if lv.get("instance_number")),
-        None,
-    )
-    if instance is None:
-        return None
-    for spec in result.preprocess.views:
-        series = result.study.series_by_description(spec.series_description)
-        if series is not None and int(instance) in series.instance_numbers:
-            return series
-    return None
-
-
 def read_header(path) -> Dataset:
     """One source instance's header (no pixels)."""
     try:

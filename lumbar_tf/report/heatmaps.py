@@ -413,19 +413,11 @@ __all__ = [
 def midline_image(result) -> np.ndarray | None:
     """The source midline slice the level positions lie on, normalised as the views are
     (percentile clip + CLAHE): uint8 ``[H, W]``; None when the study has no such slice."""
-    instance = next(
-        (lv["instance_number"] for lv in result.predictions.get("levels", []) if lv.get("instance_number")),
-        None,
-    )
-    if instance is None:
+    midline = result.midline()
+    if midline is None:
         return None
-    for spec in result.preprocess.views:
-        series = result.study.series_by_description(spec.series_description)
-        if series is None or int(instance) not in series.instance_numbers:
-            continue
-        index = series.index_of_instance(int(instance))
-        return prepared_slices(series, [index], result.preprocess)[0]
-    return None
+    series, index = midline
+    return prepared_slices(series, [index], result.preprocess)[0]
 
 
 def write_heatmaps_for(result, out_dir) -> list[Path]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from lumbar_tf import preprocess
 from lumbar_tf.core.config import PreprocessConfig
-from lumbar_tf.dicom.reader import DicomError, Study, read_series_descriptions, read_study
+from lumbar_tf.dicom.reader import DicomError, Series, Study, read_series_descriptions, read_study
 from lumbar_tf.runtime import predictions
 
 
@@ -63,6 +63,21 @@ class StudyResult:
     @property
     def level_xy(self) -> np.ndarray:
         return np.asarray(self.outputs["level_xy"])[0]
+
+    def midline(self) -> tuple[Series, int] | None:
+        """``(series, slice index)`` that predictions.json places the levels on, or None when the
+        levels have no position (the heatmaps, the PACS overlay and its SR point at this slice)."""
+        instance = next(
+            (lv["instance_number"] for lv in self.predictions.get("levels", []) if lv.get("instance_number")),
+            None,
+        )
+        if instance is None:
+            return None
+        for spec in self.preprocess.views:
+            series = self.study.series_by_description(spec.series_description)
+            if series is not None and int(instance) in series.instance_numbers:
+                return series, series.index_of_instance(int(instance))
+        return None
 
 
 def descriptions_for_study(study_dir) -> dict[str, str] | None:

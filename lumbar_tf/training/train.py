@@ -42,15 +42,29 @@ from lumbar_tf.training import multiworker
 FINISHED = "finished.json"
 
 
-def _fit(model, train_ds, **kwargs):
-    """model.fit without Keras' 'ran out of data' warning for finite validation sets.
+def _fit_stage(model, run: Path, name: str, stage, train_ds, val_ds, steps: int, seed: int, extra_callbacks):
+    """Fit one stage and save its best model as ``RUN/<name>.keras`` (EarlyStopping restored it).
 
     Keras warns at the end of every validation pass whose length tf.data cannot know in advance
-    (the study filter hides the cardinality); the training set repeats forever and never runs out.
+    (the study filter hides the cardinality); the training set repeats forever and never runs out,
+    so that warning is silenced here.
     """
+    import keras
+
+    keras.utils.set_random_seed(seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
-        return model.fit(train_ds, shuffle=False, **kwargs)  # tf.data shuffles
+        history = model.fit(
+            train_ds,
+            shuffle=False,  # tf.data shuffles
+            validation_data=val_ds,
+            epochs=stage.epochs,
+            steps_per_epoch=steps,
+            callbacks=make_callbacks(run, name, stage, extra_callbacks),
+            verbose=2 if _quiet() else 1,
+        )
+    model.save(run / f"{name}.keras")
+    return model, history.history
 
 
 # === Set-up ===
@@ -154,8 +168,6 @@ def _usable_split(manifest: dict, cfg: Config, cache_dir: Path) -> tuple[list[st
 
 
 def _fit_localizer(run, cfg: Config, cache, train_ids, val_ids, extra_callbacks=()):
-    import keras
-
     from lumbar_tf.models.losses import MaskedLevelLoss
     from lumbar_tf.models.networks import build_localizer
 
@@ -168,18 +180,9 @@ def _fit_localizer(run, cfg: Config, cache, train_ids, val_ids, extra_callbacks=
     with distribution_scope():
         model = build_localizer(cfg.preprocess.view_size, cfg.model)
         model.compile(optimizer=make_optimizer(stage, steps), loss=MaskedLevelLoss())
-    keras.utils.set_random_seed(cfg.train.seed)
-    history = _fit(
-        model,
-        train_ds,
-        validation_data=val_ds,
-        epochs=stage.epochs,
-        steps_per_epoch=steps,
-        callbacks=make_callbacks(run, "localizer", stage, extra_callbacks),
-        verbose=2 if _quiet() else 1,
+    return _fit_stage(
+        model, run, "localizer", stage, train_ds, val_ds, steps, cfg.train.seed, extra_callbacks
     )
-    model.save(run / "localizer.keras")  # EarlyStopping restored the best weights
-    return model, history.history
 
 
 def localizer_errors_mm(model, studies: dict, cfg: Config) -> np.ndarray:
@@ -191,8 +194,6 @@ def localizer_errors_mm(model, studies: dict, cfg: Config) -> np.ndarray:
 
 
 def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_callbacks=()):
-    import keras
-
     from lumbar_tf.models.losses import OrdinalFocalLoss
     from lumbar_tf.models.networks import build_grader
 
@@ -216,18 +217,9 @@ def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_ca
             optimizer=make_optimizer(stage, steps),
             loss=OrdinalFocalLoss.from_loss_config(cfg.train.loss),
         )
-    keras.utils.set_random_seed(cfg.train.seed + 1)
-    history = _fit(
-        model,
-        train_ds,
-        validation_data=val_ds,
-        epochs=stage.epochs,
-        steps_per_epoch=steps,
-        callbacks=make_callbacks(run, "grader", stage, extra_callbacks),
-        verbose=2 if _quiet() else 1,
+    return _fit_stage(
+        model, run, "grader", stage, train_ds, val_ds, steps, cfg.train.seed + 1, extra_callbacks
     )
-    model.save(run / "grader.keras")
-    return model, history.history
 
 
 def _quiet() -> bool:
