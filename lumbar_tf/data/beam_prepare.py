@@ -13,6 +13,7 @@ Spark worker): pydicom reads the study files directly.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lumbar_tf.core.config import PreprocessConfig, config_to_dict
@@ -85,10 +86,14 @@ def prepare_cache_beam(
         raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped)")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    for stale in [*cache.glob("shard-*.tfrecord"), *cache.glob(_STATUS + "*")]:
+    for stale in cache.glob(_STATUS + "*"):
         stale.unlink()
     view_names = cfg.view_names
     n_shards = max(1, min(shards, len(todo)))
+    # As the pool does: a fresh generation of shard names, written beside the old cache, which
+    # stays whole until the manifest naming the new shards is swapped in.
+    generation = os.urandom(4).hex()
+    prefix = cache / f".beam-{generation}"
     tasks = [
         (index.images_dir, index.studies.get(sid), sid, index.descriptions.get(sid, {}), cfg, None)
         for sid in todo
@@ -101,7 +106,7 @@ def prepare_cache_beam(
             | "Serialize" >> beam.Map(lambda r: dataset._serialize(r[1], view_names))
             | "WriteShards"
             >> WriteToTFRecord(
-                str(cache / "shard"),
+                str(prefix),
                 file_name_suffix=".tfrecord",
                 num_shards=n_shards,
                 shard_name_template="-SSS",
@@ -116,6 +121,15 @@ def prepare_cache_beam(
             outcome[entry["study_id"]] = entry
         path.unlink()
     kept = [sid for sid in todo if outcome[sid]["error"] is None]
+    shard_entries = []
+    for i in range(n_shards):
+        written = Path(f"{prefix}-{i:03d}.tfrecord")
+        name = f"shard-{generation}-{i:03d}.tfrecord"
+        if not kept:
+            written.unlink(missing_ok=True)
+            continue
+        shard_entries.append({"file": name, **dataset._shard_fingerprint(written)})
+        written.replace(cache / name)
     skipped.update({sid: outcome[sid]["error"] for sid in todo if outcome[sid]["error"] is not None})
     if not kept:
         raise DatasetError(
@@ -125,11 +139,13 @@ def prepare_cache_beam(
     manifest = {
         "split": split,
         "study_ids": kept,
-        "n_shards": n_shards,
+        "n_shards": len(shard_entries),
+        "shards": shard_entries,
         "view_names": list(view_names),
         "preprocess": config_to_dict(cfg),
         "skipped": skipped,
         "warnings": {sid: outcome[sid]["warnings"] for sid in kept if outcome[sid]["warnings"]},
     }
-    write_json_atomic(cache / dataset.MANIFEST, manifest)
+    write_json_atomic(cache / dataset.MANIFEST, manifest)  # the swap
+    dataset._remove_unlisted_shards(cache, {entry["file"] for entry in shard_entries})
     return manifest
