@@ -125,3 +125,10 @@ def test_embedding_twice_keeps_one_standard_entry(published):
     assert M.read_litert_metadata(again)["version"] == "99"
     assert read_embedded_metadata(again)["version"] == 99
     assert set(M.read_associated_files(again)) == set(M.associated_files())
+
+
+def test_the_printer_shows_what_an_app_reads(published, capsys):
+    M.main([str(published[0])])
+    assert json.loads(capsys.readouterr().out) == M.read_litert_metadata(published[0].read_bytes())
+    M.main([str(published[0]), "--file", M.CONDITIONS_FILE])
+    assert capsys.readouterr().out.splitlines() == list(L.CONDITIONS)

@@ -425,3 +425,25 @@ def read_associated_files(content: bytes) -> dict[str, str]:
             return {n: z.read(n).decode("utf-8") for n in z.namelist()}
     except zipfile.BadZipFile:
         return {}
+
+
+def main(argv=None) -> int:
+    """``python -m lumbar_tf.export.tflite_metadata MODEL.tflite``: print what an app reads."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--file", help="print this associated file instead (e.g. labels.txt)")
+    args = parser.parse_args(argv)
+    content = Path(args.model).read_bytes()
+    if args.file:
+        print(read_associated_files(content).get(args.file, ""), end="")
+    else:
+        print(json.dumps(read_litert_metadata(content), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
