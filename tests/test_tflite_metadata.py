@@ -132,3 +132,27 @@ def test_the_printer_shows_what_an_app_reads(published, capsys):
     assert json.loads(capsys.readouterr().out) == M.read_litert_metadata(published[0].read_bytes())
     M.main([str(published[0]), "--file", M.CONDITIONS_FILE])
     assert capsys.readouterr().out.splitlines() == list(L.CONDITIONS)
+
+
+def test_tensor_metadata_follows_each_subgraphs_tensor_order(published):
+    """Android's MetadataExtractor pairs subgraph_metadata[i] with subgraph i and tensor metadata
+    with the subgraph's inputs/outputs by position."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    content = published[0].read_bytes()
+    model = schema.Model.GetRootAs(bytearray(content), 0)
+    names = {}
+    for i in range(model.SignatureDefsLength()):
+        sig = model.SignatureDefs(i)
+        for j in range(sig.InputsLength()):
+            names[(sig.SubgraphIndex(), sig.Inputs(j).TensorIndex())] = sig.Inputs(j).Name().decode()
+        for j in range(sig.OutputsLength()):
+            names[(sig.SubgraphIndex(), sig.Outputs(j).TensorIndex())] = sig.Outputs(j).Name().decode()
+    meta = M.read_litert_metadata(content)
+    assert len(meta["subgraph_metadata"]) == model.SubgraphsLength()
+    for k, sub in enumerate(meta["subgraph_metadata"]):
+        graph = model.Subgraphs(k)
+        ins = [names[(k, int(t))] for t in graph.InputsAsNumpy()]
+        outs = [names[(k, int(t))] for t in graph.OutputsAsNumpy()]
+        assert [t["name"] for t in sub["input_tensor_metadata"]] == ins
+        assert [t["name"] for t in sub["output_tensor_metadata"]] == outs
