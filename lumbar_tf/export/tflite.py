@@ -19,6 +19,7 @@ from lumbar_tf.core import labels as L
 from lumbar_tf.core.contract import GRADE, LEVEL_INDEX, LOCALIZE, TFLITE_METADATA_NAME, TFLITE_SIGNATURES
 from lumbar_tf.core.errors import ExportError
 from lumbar_tf.export.metadata import json_default
+from lumbar_tf.export.tflite_metadata import add_litert_metadata
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 
@@ -172,7 +173,7 @@ def embed_metadata(content: bytes, metadata: dict) -> bytes:
     entry.name = TFLITE_METADATA_NAME
     entry.buffer = len(model.buffers) - 1
     model.metadata.append(entry)
-    return flatbuffer_utils.convert_object_to_bytearray(model)
+    return add_litert_metadata(bytes(flatbuffer_utils.convert_object_to_bytearray(model)), metadata)
 
 
 def tflite_op_names(path) -> list[str]:
