@@ -47,6 +47,7 @@ from lumbar_tf.core.errors import ModelLoadError
 from lumbar_tf.core.io import save_png
 from lumbar_tf.dicom.reader import SAGITTAL_T1, SAGITTAL_T2
 from lumbar_tf.report.heatmaps import grade_prob_array, grade_scale, midline_image, write_heatmaps
+from lumbar_tf.runtime.quality import banner as quality_banner
 
 TARGET_THRESHOLD = 1  # index into labels.THRESHOLDS: ">=2"
 REPORT_FILE = "report.html"
@@ -408,6 +409,8 @@ def write_report(
         for entry in predictions["levels"]
     )
     notes_html = "".join(f"<p>{e(str(n))}</p>" for n in notes)
+    banner = quality_banner(predictions)
+    banner_html = f'<p class="implausible">{e(banner)}</p>' if banner else ""
     grade_heads = "".join(f"<th>P({e(name)})</th>" for name in grade_scale(predictions))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -415,6 +418,7 @@ def write_report(
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1750px; }}
 .use {{ background: #fff3cd; border: 1px solid #e0c36a; padding: 8px 12px; font-weight: 600; }}
+.implausible {{ background: #f8d7da; border: 2px solid #b00020; padding: 8px 12px; font-weight: 700; }}
 table {{ border-collapse: collapse; margin: 8px 0 18px; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 td:nth-child(n+4) {{ text-align: right; font-variant-numeric: tabular-nums; }}
@@ -424,6 +428,7 @@ figcaption {{ font-size: 13px; color: #555; }}
 </style></head><body>
 <h1>Lumbar spine degeneration: study {e(str(predictions["study_id"]))}</h1>
 <p class="use">{e(INTENDED_USE)}</p>
+{banner_html}
 <h2>Severity and disc levels</h2>
 {summary_html}
 <h2>Probabilities (25 cells)</h2>

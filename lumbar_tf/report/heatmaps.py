@@ -28,6 +28,7 @@ from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.core.io import PNG_METADATA, save_png
 from lumbar_tf.preprocess import prepared_slices
 from lumbar_tf.runtime.predictions import grade_scale  # what a cell's grade indexes
+from lumbar_tf.runtime.quality import banner as quality_banner
 
 GRID_FILE = "grid.png"
 LEVELS_FILE = "levels.png"
@@ -233,6 +234,9 @@ def severity_grid_figure(predictions: dict):
         fontsize=13,
         fontweight="bold",
     )
+    banner = quality_banner(predictions)
+    if banner:
+        fig.text(x0, 1 - 0.68 / fig_h, banner, fontsize=9, color="#b00020", fontweight="bold")
     fig.text(
         x0,
         0.4 / fig_h,
@@ -355,8 +359,18 @@ def levels_figure(predictions: dict, midline_image: np.ndarray):
         fontsize=11,
         fontweight="bold",
     )
+    banner = quality_banner(predictions)
+    notes = [banner] if banner else []
     if np.isnan(points).any():
-        fig.text(0.2 / fig_w, 1 - 0.5 / fig_h, "some levels have no position on this slice", fontsize=8.5)
+        notes.append("some levels have no position on this slice")
+    if notes:
+        fig.text(
+            0.2 / fig_w,
+            1 - 0.5 / fig_h,
+            "; ".join(notes),
+            fontsize=8.5,
+            color="#b00020" if banner else "black",
+        )
     fig.text(
         0.2 / fig_w, 0.2 / fig_h, f"{_model_line(predictions)}   {INTENDED_USE}", fontsize=8.5, style="italic"
     )

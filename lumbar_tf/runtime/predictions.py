@@ -17,6 +17,7 @@ from lumbar_tf import preprocess
 from lumbar_tf.core import labels
 from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.core.io import write_csv_atomic, write_json_atomic
+from lumbar_tf.runtime.quality import warning_for as quality_warning
 
 SUBMISSION_HEADER = ("row_id", *labels.SUBMISSION_COLUMNS)
 LEVEL_POSITION_KEYS = ("level", "instance_number", "x", "y")
@@ -86,6 +87,7 @@ def build_predictions(
     fine_grades: bool = True,
     label_semantics: dict | None = None,
     series: dict | None = None,
+    quality: dict | None = None,
 ) -> dict:
     """One study's `predictions.json` dict (DESIGN.md output contract).
 
@@ -104,6 +106,8 @@ def build_predictions(
             P(none)/P(mild) mean nothing: ``grade``/``grade_probs`` are then in the 3-class RSNA
             space (normal_mild, moderate, severe) and a warning says mild is not distinguishable.
         series: view name -> series id it was built from (None: a zero view); written as "series".
+        quality: `runtime.quality.assess` of the input, written as "quality"; when
+            implausible, a warning line says so.
     """
     if label_semantics is None:
         label_semantics = {"fine_grades": bool(fine_grades), "known_thresholds": list(labels.THRESHOLDS)}
@@ -128,6 +132,8 @@ def build_predictions(
     grade_probs = labels.grade_probs_from_thresholds(monotone).astype(np.float64) if fine_grades else rsna
     if not fine_grades:
         warnings.append(RSNA_ONLY_WARNING)
+    if quality is not None and not quality["plausible"]:
+        warnings.append(quality_warning(quality))
     presence = labels.presence(monotone, fine_grades_known=fine_grades).astype(np.float64)
 
     cells = []
@@ -158,7 +164,7 @@ def build_predictions(
                 "y_norm": float(xy[li, 1]),
             }
         )
-    return {
+    preds = {
         "study_id": str(study_id),
         "model": {
             "name": str(model_info["name"]),
@@ -177,6 +183,9 @@ def build_predictions(
         },
         "intended_use": INTENDED_USE,
     }
+    if quality is not None:
+        preds["quality"] = quality
+    return preds
 
 
 def level_positions_from_views(

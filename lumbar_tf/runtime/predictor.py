@@ -31,7 +31,7 @@ import numpy as np
 from lumbar_tf import preprocess
 from lumbar_tf.core.config import PreprocessConfig
 from lumbar_tf.dicom.reader import DicomError, Series, Study, read_series_descriptions, read_study
-from lumbar_tf.runtime import predictions
+from lumbar_tf.runtime import predictions, quality
 
 
 class Predictor(Protocol):
@@ -151,6 +151,7 @@ def study_result(predictor, study: Study, built: tuple, outputs: dict, *, study_
     warnings = list(warnings)
     level_xy = outputs["level_xy"][0]
     positions = predictions.level_positions_from_views(study, grid, info, level_xy, cfg, warnings)
+    qc = quality.assess(level_xy, grid.spine_crop_mm, quality.midline_channel(views, cfg))
     preds = predictions.build_predictions(
         study_id if study_id is not None else study.study_id,
         outputs["threshold_probs"][0],
@@ -160,5 +161,6 @@ def study_result(predictor, study: Study, built: tuple, outputs: dict, *, study_
         warnings=warnings,
         label_semantics=getattr(predictor, "label_semantics", None),
         series={k: None if v is None else v.series_id for k, v in preprocess.view_series(study, cfg).items()},
+        quality=qc,
     )
     return StudyResult(preds, study, outputs, views, grid, info, cfg)
