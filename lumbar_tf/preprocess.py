@@ -225,8 +225,9 @@ MIN_COLUMN_MM = 100.0
 SACRAL_BEND_DEG = 28.0
 SACRAL_BEND_MM = 30.0
 # The trace leaves the lumbar column for the sacrum early, by about the periodicity filter's
-# half-width (its envelope blurs the sacrum upwards): L5/S1 lies this far below the bend's middle.
-BEND_LAG_MM = 20.0
+# half-width (its envelope blurs the sacrum upwards): L5/S1 lies this far below the bend's middle
+# (35 mm on the realistic phantoms' sacrum, 20 mm before on the drawn one).
+BEND_LAG_MM = 35.0
 # Half-range of the midline search about the stack centre, and the mirror distances compared.
 MIDLINE_SEARCH_MM = 12.0
 _MIRROR_MM = (4.0, 8.0, 12.0)
