@@ -132,10 +132,10 @@ def synthesised(n: int, tmp: Path):
     from lumbar_tf.core.labels import LEVELS
     from lumbar_tf.synthetic.phantom import iter_studies, synthesize_dataset
 
-    root = synthesize_dataset(tmp / "synth", n, seed=11)
+    root = synthesize_dataset(tmp / "synth", n, seed=11, acquisition="centred")
     out, foramen = [], {"midline": [], "stack centre": []}
     offsets = CFG.views[1].offsets_mm  # sag_t1: (left foramen, midline, right foramen)
-    for study, _ in iter_studies(n, seed=11):
+    for study, _ in iter_studies(n, seed=11, acquisition="centred"):
         pts = np.array([study.phantom.landmark("spinal_canal_stenosis", lv) for lv in LEVELS])
         read = read_study(root / "train_images" / str(study.study_id))
         out.append(_score(read.series["Sagittal T2/STIR"], pts, study.phantom.x_mid))
