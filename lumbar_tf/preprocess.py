@@ -205,11 +205,15 @@ COARSE_MM = 2.0
 _PERIODS_MM = (24.0, 30.0, 36.0, 42.0)
 # Calibration of the column trace to the levels (measured on phantoms, see docs/architecture.md):
 # the periodic column (vertebral bodies + spinous processes) fades this far below L5/S1 (sacrum) ...
-SACRAL_TAIL_MM = 60.0
+SACRAL_TAIL_MM = 45.0
 # ... or, where it runs off the bottom of the field (no sacral end seen), L5/S1 is taken halfway
 # between a lumbar-centred field (L5/S1 LEVELS_HALF_SPAN_MM below the field centre) and one with
 # L5/S1 this close to its lower edge: lumbar fields are planned from centred to low;
 CUT_TAIL_MM = 20.0
+# Where lumbar fields put L5/S1 (RSNA and the realistic phantom: spine centred, L5/S1 ~62 mm below
+# the field centre, down to the lower half, L5/S1 some 15-60 mm above the lower edge).
+L5S1_MIN_BELOW_MM = 40.0
+L5S1_EDGE_MM = 15.0
 # L1/L2..L5/S1 span about twice this (the grid centre is this far above L5/S1, on the trace).
 LEVELS_HALF_SPAN_MM = 62.0
 # A column counts as found when its band-pass share (periodic energy / all vertical variation) is
@@ -221,8 +225,9 @@ MIN_COLUMN_MM = 100.0
 SACRAL_BEND_DEG = 28.0
 SACRAL_BEND_MM = 30.0
 # The trace leaves the lumbar column for the sacrum early, by about the periodicity filter's
-# half-width (its envelope blurs the sacrum upwards): L5/S1 lies this far below the bend's middle.
-BEND_LAG_MM = 20.0
+# half-width (its envelope blurs the sacrum upwards): L5/S1 lies this far below the bend's middle
+# (35 mm on the realistic phantoms' sacrum, 20 mm before on the drawn one).
+BEND_LAG_MM = 35.0
 # Half-range of the midline search about the stack centre, and the mirror distances compared.
 MIDLINE_SEARCH_MM = 12.0
 _MIRROR_MM = (4.0, 8.0, 12.0)
@@ -469,6 +474,13 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
             l5s1_row = 0.5 * (centred + bottom_valid - CUT_TAIL_MM / COARSE_MM)
         else:
             l5s1_row = run[1] - SACRAL_TAIL_MM / COARSE_MM
+        # Lumbar fields are planned from spine-centred to spine-low: L5/S1 lies between
+        # L5S1_MIN_BELOW_MM below the field centre and L5S1_EDGE_MM above its lower edge. A trace
+        # that says otherwise has followed the thoracic column or lost the sacrum; keep it inside.
+        centre_px = grid.patient_yz_to_view_px(field_centre)[1]
+        highest = centre_px + L5S1_MIN_BELOW_MM / COARSE_MM
+        lowest = max(highest, bottom_valid - L5S1_EDGE_MM / COARSE_MM)
+        l5s1_row = float(np.clip(l5s1_row, highest, lowest))
         centre_row = l5s1_row - LEVELS_HALF_SPAN_MM / COARSE_MM
         lumbar = np.arange(
             int(max(run[0], centre_row - LEVELS_HALF_SPAN_MM / COARSE_MM)), int(max(l5s1_row, run[0])) + 1
