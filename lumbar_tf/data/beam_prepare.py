@@ -16,9 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from lumbar_tf.core.config import PreprocessConfig, config_to_dict
+from lumbar_tf.core.config import PreprocessConfig
 from lumbar_tf.core.errors import ConfigError, DatasetError, UsageError
-from lumbar_tf.core.io import write_json_atomic
 from lumbar_tf.data import dataset
 
 RUNNERS = {
@@ -135,17 +134,6 @@ def prepare_cache_beam(
         raise DatasetError(
             f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / dataset.SKIPPED})"
         )
-    dataset._write_skipped(cache / dataset.SKIPPED, skipped)
-    manifest = {
-        "split": split,
-        "study_ids": kept,
-        "n_shards": len(shard_entries),
-        "shards": shard_entries,
-        "view_names": list(view_names),
-        "preprocess": config_to_dict(cfg),
-        "skipped": skipped,
-        "warnings": {sid: outcome[sid]["warnings"] for sid in kept if outcome[sid]["warnings"]},
-    }
-    write_json_atomic(cache / dataset.MANIFEST, manifest)  # the swap
-    dataset._remove_unlisted_shards(cache, {entry["file"] for entry in shard_entries})
+    warnings = {sid: outcome[sid]["warnings"] for sid in kept if outcome[sid]["warnings"]}
+    manifest = dataset.publish_cache(cache, split, kept, shard_entries, cfg, skipped, warnings)
     return manifest

@@ -457,25 +457,33 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
         shard_entries.append({"file": name, **_shard_fingerprint(path)})
         path.replace(cache / name)
 
-    _write_skipped(cache / SKIPPED, skipped)
-    manifest = {
-        "split": split,
-        "study_ids": kept,
-        "n_shards": len(shard_entries),
-        "shards": shard_entries,
-        "view_names": list(view_names),
-        "preprocess": config_to_dict(cfg),
-        "skipped": skipped,
-        "warnings": warnings,
-    }
-    write_json_atomic(cache / MANIFEST, manifest)  # the swap: from here on the new shards count
-    _remove_unlisted_shards(cache, {entry["file"] for entry in shard_entries})
+    manifest = publish_cache(cache, split, kept, shard_entries, cfg, skipped, warnings)
     if not todo:
         raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped, see {cache / SKIPPED})")
     if not kept:
         raise DatasetError(
             f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / SKIPPED})"
         )
+    return manifest
+
+
+def publish_cache(cache: Path, split: str, kept, shard_entries, cfg, skipped, warnings) -> dict:
+    """Write the skipped-studies report, then swap in the manifest naming the new shard generation
+    (from here on the new shards count) and remove the shards it does not name. Shared by the
+    process pool and the Beam pipeline."""
+    _write_skipped(cache / SKIPPED, skipped)
+    manifest = {
+        "split": split,
+        "study_ids": kept,
+        "n_shards": len(shard_entries),
+        "shards": shard_entries,
+        "view_names": list(cfg.view_names),
+        "preprocess": config_to_dict(cfg),
+        "skipped": skipped,
+        "warnings": warnings,
+    }
+    write_json_atomic(cache / MANIFEST, manifest)
+    _remove_unlisted_shards(cache, {entry["file"] for entry in shard_entries})
     return manifest
 
 
