@@ -38,5 +38,3 @@ RUN_LABEL_SEMANTICS_FILE = "label_semantics.json"  # which thresholds the traini
 METADATA_FILE = "metadata.json"  # beside each SavedModel version, and at the export root
 EXPORT_REPORT_FILE = "export_report.json"
 PREDICTIONS_FILE = "predictions.json"
-SUMMARY_FILE = "summary.json"
-SKIPPED_FILE = "skipped_studies.csv"

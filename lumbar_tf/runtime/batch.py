@@ -74,7 +74,7 @@ def find_test_studies(data_dir) -> tuple[Path, list[str], dict[str, dict[str, st
 
 def prior_threshold_probs(predictor) -> np.ndarray:
     """The training prior ``[5, 5, 3]`` the predictor carries (class frequencies of its training
-    split), or an uninformed 0.5 everywhere with a warning when it carries none."""
+    split), or an uninformed 0.5 everywhere when it carries none (the report says `prior_source: none`)."""
     prior = getattr(predictor, "prior_threshold_probs", None)
     if prior is None:
         return np.full((labels.N_CONDITIONS, labels.N_LEVELS, labels.N_THRESHOLDS), 0.5)
