@@ -1,4 +1,5 @@
-"""Shared fixtures: phantom data, a prepared cache and a tiny trained run, each made once per session.
+"""Shared fixtures: phantom data, a prepared cache, a tiny trained run and its export, and a tiny
+RSNA-only run, each made once per session.
 
 Test data is generated here, never committed. Sizes are tiny so the default suite stays fast.
 """
@@ -112,6 +113,45 @@ def tiny_export(tiny_run, phantom_cache, phantom_dir):
             progress=False,
         )
     return out
+
+
+@pytest.fixture(scope="session")
+def rsna_resumed_run(phantom_dir, tmp_path_factory):
+    """A tiny run on the RSNA labels alone (the phantoms without train_grades.csv), killed in the
+    middle of the localiser's second epoch and resumed to the end: one training serves the
+    label-semantics tests and the resume test. ``killed`` is what the run folder held after the kill.
+    """
+    import shutil
+    from types import SimpleNamespace
+
+    import keras
+
+    from lumbar_tf.training.train import train
+
+    class Kill(keras.callbacks.Callback):
+        """Stands in for a killed process: dies after the first batch of epoch 1."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 1 and batch == 0:
+                raise KeyboardInterrupt("killed")
+
+    root = tmp_path_factory.mktemp("rsna")
+    data = root / "data"
+    shutil.copytree(phantom_dir, data, ignore=shutil.ignore_patterns("train_grades.csv"))
+    run = root / "run"
+    overrides = [*TINY_OVERRIDES, "train.localizer.epochs=3", "train.grader.epochs=1"]
+    with pytest.raises(KeyboardInterrupt):
+        train(data, run, overrides=overrides, stage="localizer", extra_callbacks=[Kill()])
+    killed = {
+        "backup": (run / "backup" / "localizer").exists(),
+        "finished": (run / "finished.json").exists(),
+        "history": (run / "history" / "localizer.csv").read_text(),
+    }
+    train(data, run, resume=True)  # the run's own config.yaml; its cache, prepared before the kill
+    return SimpleNamespace(data=data, run=run, killed=killed)
 
 
 def predict_to(model, study_dir, out_dir, heatmaps: bool = False) -> dict:

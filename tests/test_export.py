@@ -311,14 +311,19 @@ def _children(model_dir: Path) -> list[str]:
     return sorted(p.name for p in model_dir.iterdir()) if model_dir.exists() else []
 
 
-def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, tmp_path, monkeypatch):
+def test_versions_are_numbered_and_written_atomically(
+    tiny_run, tiny_export, phantom_cache, tmp_path, monkeypatch
+):
+    import shutil
+
     from lumbar_tf.export import job as export
     from lumbar_tf.export.job import ExportError, export_model
     from lumbar_tf.export.publish import next_version
 
     out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)  # the session's export holds version 1
     kwargs = {"tflite": (), "cache_dir": phantom_cache, "representative_size": 2, "progress": False}
-    assert export_model(tiny_run, out, **kwargs)["version"] == 1
+    assert _children(out / "saved_model" / NAME) == ["1"]
     assert export_model(tiny_run, out, **kwargs)["version"] == 2
     assert export_model(tiny_run, out, version=7, **kwargs)["version"] == 7
     model_dir = out / "saved_model" / NAME

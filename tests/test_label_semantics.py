@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from lumbar_tf.core import labels as L
-from tests.conftest import TINY_OVERRIDES
 
 
 def test_label_semantics_of_rsna_and_fine_grades():
@@ -41,15 +40,11 @@ def test_synth_rsna_labels_writes_no_train_grades(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def rsna_run(tmp_path_factory):
-    from lumbar_tf.synthetic.phantom import synthesize_dataset
-    from lumbar_tf.training.train import train
-
-    root = tmp_path_factory.mktemp("rsna")
-    data = synthesize_dataset(root / "data", 8, seed=7, fine_grades=False)
-    assert not (data / "train_grades.csv").exists()
-    quick = ["train.localizer.epochs=1", "train.grader.epochs=1"]
-    return data, train(data, root / "run", overrides=[*TINY_OVERRIDES, *quick])
+def rsna_run(rsna_resumed_run):
+    """The session's RSNA-only run (conftest.py): the phantoms without train_grades.csv."""
+    data, run = rsna_resumed_run.data, rsna_resumed_run.run
+    assert not (data / "train_grades.csv").exists() and (data / "train.csv").is_file()
+    return data, run
 
 
 def test_rsna_only_training_predicts_presence_of_moderate(rsna_run, tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 
-import keras
 import numpy as np
 import pytest
 
@@ -26,42 +25,17 @@ def test_finished_run_is_not_overwritten_by_accident(tiny_run, phantom_dir):
         train(phantom_dir, tiny_run, overrides=TINY_OVERRIDES)
 
 
-class _Kill(keras.callbacks.Callback):
-    """Stands in for a killed process: dies in the middle of the given epoch."""
-
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.epoch, self.batch, self.current = epoch, batch, -1
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.current == self.epoch and batch == self.batch:
-            raise KeyboardInterrupt("killed")
-
-
-def test_killed_run_resumes_from_backup_and_finishes(phantom_dir, phantom_cache, tmp_path):
-    run = tmp_path / "run"
-    overrides = [*TINY_OVERRIDES, "train.localizer.epochs=3"]
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            phantom_dir,
-            run,
-            overrides=overrides,
-            cache_dir=phantom_cache,
-            stage="localizer",
-            extra_callbacks=[_Kill(epoch=1, batch=0)],
-        )
-    assert (run / "backup" / "localizer").exists()
-    assert not (run / "finished.json").exists()
-    logged = (run / "history" / "localizer.csv").read_text().strip().splitlines()
+def test_killed_run_resumes_from_backup_and_finishes(rsna_resumed_run):
+    """The session's RSNA-only run (conftest.py): killed in localiser epoch 1 of 3, then resumed."""
+    run, killed = rsna_resumed_run.run, rsna_resumed_run.killed
+    assert killed["backup"] and not killed["finished"]
+    logged = killed["history"].strip().splitlines()
     assert len(logged) == 2  # header + the one epoch that finished
-    train(phantom_dir, run, cache_dir=phantom_cache, resume=True)
     logged = (run / "history" / "localizer.csv").read_text().strip().splitlines()
     epochs = [int(line.split(",")[0]) for line in logged[1:]]
     assert epochs == [0, 1, 2]  # resumed at epoch 1, not from scratch
     assert (run / "finished.json").exists() and (run / "model.keras").exists()
+    assert not (run / "backup" / "localizer").exists()
 
 
 def test_dataset_without_labels_is_a_clear_error(phantom_dir, tmp_path):
