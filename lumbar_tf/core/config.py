@@ -24,12 +24,23 @@ class ViewSpec:
     Args:
         name: input name of the view (e.g. ``sag_t2``).
         series_description: RSNA series description it is built from.
-        offsets_mm: lateral offsets of the three channels, patient-left positive, from the stack centre.
+        offsets_mm: lateral offsets of the three channels, patient-left positive, from the midline
+            plane `preprocess.find_spine` finds.
+        offsets: where ``offsets_mm`` come from. ``fixed``: as written. ``labels``: learned by
+            `prepare_cache` from the labelled instances of the coordinates file
+            (`data.slice_offsets`), ``offsets_mm`` being the fallback; the cache, and the model
+            trained on it, then hold ``learned`` with the learned numbers, which every runtime uses
+            as written (never re-learned, e.g. on an evaluation folder).
     """
 
     name: str = "sag_t2"
     series_description: str = "Sagittal T2/STIR"
     offsets_mm: tuple[float, float, float] = (12.0, 0.0, -12.0)
+    offsets: str = "fixed"
+
+
+# ViewSpec.offsets: "labels" is resolved by prepare_cache into "learned" (or "fixed", the fallback).
+OFFSET_SOURCES = ("fixed", "labels", "learned")
 
 
 def _default_views() -> list[ViewSpec]:
@@ -281,6 +292,7 @@ def validate_preprocess(p: PreprocessConfig) -> PreprocessConfig:
             ("preprocess.spine_crop_mm", p.spine_crop_mm > 0),
             ("preprocess.crop_mm", 0 < p.crop_mm <= p.spine_crop_mm),
             ("preprocess.views", len(p.views) >= 1 and len({v.name for v in p.views}) == len(p.views)),
+            *((f"preprocess.views[{i}].offsets", v.offsets in OFFSET_SOURCES) for i, v in enumerate(p.views)),
         ]
     )
     return p

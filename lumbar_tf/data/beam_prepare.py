@@ -19,6 +19,7 @@ from pathlib import Path
 from lumbar_tf.core.config import PreprocessConfig
 from lumbar_tf.core.errors import ConfigError, DatasetError, UsageError
 from lumbar_tf.data import dataset
+from lumbar_tf.data.slice_offsets import resolve_offsets
 
 RUNNERS = {
     "direct": "DirectRunner",
@@ -83,6 +84,9 @@ def prepare_cache_beam(
     todo, skipped = dataset.select_studies(index, split, study_ids)
     if not todo:
         raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped)")
+    # Learned channel offsets, once, before the pipeline builds any view: a bounded sample of
+    # studies (headers and the spine finder), read here in the driver.
+    cfg, offsets_report = resolve_offsets(index.images_dir, index.studies, index.descriptions, todo, cfg)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob(_STATUS + "*"):
@@ -135,5 +139,4 @@ def prepare_cache_beam(
             f"{data_dir}: no study could be read ({len(skipped)} skipped, see {cache / dataset.SKIPPED})"
         )
     warnings = {sid: outcome[sid]["warnings"] for sid in kept if outcome[sid]["warnings"]}
-    manifest = dataset.publish_cache(cache, split, kept, shard_entries, cfg, skipped, warnings)
-    return manifest
+    return dataset.publish_cache(cache, split, kept, shard_entries, cfg, skipped, warnings, offsets_report)

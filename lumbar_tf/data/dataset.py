@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from lumbar_tf.core import labels as L
-from lumbar_tf.core.config import PreprocessConfig, config_to_dict
+from lumbar_tf.core.config import PreprocessConfig, config_to_dict, preprocess_config_from_dict
 from lumbar_tf.core.errors import DatasetError, one_line
 from lumbar_tf.core.ids import check_study_id, study_sort_key
 from lumbar_tf.core.io import write_csv_atomic, write_json_atomic
+from lumbar_tf.data.slice_offsets import accepts, resolve_offsets
 from lumbar_tf.dicom.reader import DicomError, read_series_descriptions, read_study
 from lumbar_tf.preprocess import build_views, source_px_to_view_norm
 
@@ -207,23 +208,20 @@ def prepare_study(
     study_id: str,
     descriptions: dict,
     cfg: PreprocessConfig,
-    require_all_views: bool = True,
 ) -> dict:
     """Decode one study into model-ready views plus its targets (raises DicomError/DatasetError).
 
     The series the coordinates file names win where several share a description, so a repeat
     series never takes the labels' place. The views (and their grid) are built exactly as at
-    inference (`preprocess.build_views`), from the image alone.
+    inference (`preprocess.build_views`), from the image alone: a study lacking a series is kept
+    with that view zeroed (the localiser's view from another sagittal series) and a warning, as
+    inference does, so the model learns that a zero view means "not imaged" (with the view dropout
+    of `_drop_views`); only a study without any sagittal series fails (DicomError).
     """
     study_dir = images_dir / check_study_id(study_id, str(images_dir))
     wanted = {spec.series_description for spec in cfg.views}
     labelled = {row["series_id"] for row in labels.coordinates} if labels is not None else None
     study = read_study(study_dir, descriptions.get(study_id), only=wanted, prefer=labelled)
-    if require_all_views:
-        # Training data must be complete: a zeroed view would teach the grader that anatomy is absent.
-        for spec in cfg.views:
-            if study.series_by_description(spec.series_description) is None:
-                raise DatasetError(f"{study_dir}: missing series {spec.series_description!r}")
     views, grid, _, warnings = build_views(study, cfg)
     if labels is not None:
         level_xy, present = _level_points(study, grid, labels)
@@ -397,6 +395,11 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     todo, skipped = select_studies(index, split, study_ids)
+    # Learned channel offsets are resolved once, before any view is built (`data.slice_offsets`).
+    mapper = (lambda f, tasks: pool.imap(f, tasks, chunksize=2)) if pool is not None else map
+    cfg, offsets_report = resolve_offsets(
+        index.images_dir, index.studies, index.descriptions, todo, cfg, mapper=mapper
+    )
 
     view_names = cfg.view_names
     n_shards = max(1, min(shards, len(todo)))
@@ -457,7 +460,7 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
         shard_entries.append({"file": name, **_shard_fingerprint(path)})
         path.replace(cache / name)
 
-    manifest = publish_cache(cache, split, kept, shard_entries, cfg, skipped, warnings)
+    manifest = publish_cache(cache, split, kept, shard_entries, cfg, skipped, warnings, offsets_report)
     if not todo:
         raise DatasetError(f"{data_dir}: no usable studies ({len(skipped)} skipped, see {cache / SKIPPED})")
     if not kept:
@@ -467,10 +470,13 @@ def _prepare_cache(data_dir, cache_dir, cfg, pool, split, shards, progress, stud
     return manifest
 
 
-def publish_cache(cache: Path, split: str, kept, shard_entries, cfg, skipped, warnings) -> dict:
+def publish_cache(
+    cache: Path, split: str, kept, shard_entries, cfg, skipped, warnings, slice_offsets=None
+) -> dict:
     """Write the skipped-studies report, then swap in the manifest naming the new shard generation
     (from here on the new shards count) and remove the shards it does not name. Shared by the
-    process pool and the Beam pipeline."""
+    process pool and the Beam pipeline. ``cfg`` is the resolved preprocessing (learned offsets in
+    place) and ``slice_offsets`` the report of `slice_offsets.resolve_offsets`."""
     _write_skipped(cache / SKIPPED, skipped)
     manifest = {
         "split": split,
@@ -481,6 +487,7 @@ def publish_cache(cache: Path, split: str, kept, shard_entries, cfg, skipped, wa
         "preprocess": config_to_dict(cfg),
         "skipped": skipped,
         "warnings": warnings,
+        "slice_offsets": slice_offsets or {},
     }
     write_json_atomic(cache / MANIFEST, manifest)
     _remove_unlisted_shards(cache, {entry["file"] for entry in shard_entries})
@@ -511,6 +518,9 @@ def _write_skipped(path: Path, skipped: dict[str, str]) -> None:
 def load_manifest(cache_dir: str | Path, cfg: PreprocessConfig | None = None) -> dict:
     """Read a cache's manifest; refuse a cache built with other preprocessing or with damaged shards.
 
+    A ``cfg`` view with ``offsets: labels`` accepts the offsets the cache learned for it
+    (`slice_offsets.accepts`); ``manifest["preprocess"]`` holds them (`manifest_preprocess`).
+
     Every shard the manifest names must have the size and CRC-32 it was written with; shards it
     does not name (left by a prepare killed before its manifest swap) are removed so that
     `study_dataset` never reads them. A damaged cache has its manifest moved aside to
@@ -531,7 +541,7 @@ def load_manifest(cache_dir: str | Path, cfg: PreprocessConfig | None = None) ->
             f"{path}: unreadable or from an older version ({exc.__class__.__name__}); "
             "the cache will be prepared again"
         ) from None
-    if cfg is not None and preprocess != config_to_dict(cfg):
+    if cfg is not None and not accepts(preprocess, cfg, manifest.get("slice_offsets", {})):
         raise DatasetError(f"{cache_dir}: cache was prepared with other preprocessing settings")
     for entry in shards:
         shard = cache / entry["file"]
@@ -549,6 +559,12 @@ def load_manifest(cache_dir: str | Path, cfg: PreprocessConfig | None = None) ->
     if not manifest["study_ids"]:
         raise DatasetError(f"{cache_dir}: the cache holds no study (see {cache / SKIPPED})")
     return manifest
+
+
+def manifest_preprocess(manifest: dict) -> PreprocessConfig:
+    """The preprocessing a cache was built with, learned offsets resolved: what a model trained on
+    it must carry."""
+    return preprocess_config_from_dict(manifest["preprocess"])
 
 
 def _set_aside(manifest_path: Path) -> None:

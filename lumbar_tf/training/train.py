@@ -34,6 +34,7 @@ from lumbar_tf.data.dataset import (
     load_manifest,
     load_studies,
     localizer_dataset,
+    manifest_preprocess,
     prepare_cache,
     split_folds,
 )
@@ -274,6 +275,9 @@ def train(
 
     cache = Path(cache_dir) if cache_dir else run / "cache"
     manifest = _ensure_cache(data_dir, cache, cfg)
+    # The model carries the preprocessing the cache was built with (learned channel offsets).
+    cfg.preprocess = manifest_preprocess(manifest)
+    save_config(cfg, run / "config.yaml")
     train_ids, val_ids, folds = _usable_split(manifest, cfg, cache)
     split = {
         "data_dir": str(Path(data_dir).resolve()),
@@ -296,6 +300,7 @@ def train(
         "n_train": len(train_ids),
         "n_val": len(val_ids),
         "label_semantics": semantics,
+        "slice_offsets": manifest.get("slice_offsets", {}),
     }
     # A stage that finished is not refitted when a killed run resumes (its backup is gone by then).
     if stage in ("localizer", "all") and not (resume and (run / "localizer.done").exists()):
