@@ -11,6 +11,7 @@ Writes::
     EXPORT/metadata.json                        copy of the newest version's metadata (+ the TFLite files)
     EXPORT/tflite/<name>_<variant>.tflite       signatures localize + grade, builtin ops only,
     EXPORT/tflite/<name>_<variant>.json         metadata embedded in the file and in this sidecar
+                                                (only this version's variants: older ones are removed)
     EXPORT/export_report.json                   sizes, largest differences from Keras, ROC-AUC per runtime,
                                                 whether each TFLite variant was published and why not
 
@@ -261,24 +262,25 @@ def export_model(
             path=str(model_dir / str(version)), size_bytes=dir_size(model_dir / str(version))
         )
         root_meta = dict(meta)
+        publish: dict[str, tuple[bytes, dict]] = {}
+        for variant, path in tflite_files.items():
+            info = report["tflite"][variant]
+            if not info["published"]:
+                say(f"TFLite {variant}: not published: {info['reason']}")
+                info["size_bytes"] = path.stat().st_size
+                continue
+            tmeta = tflite_metadata(meta, variant, f"{name}_{variant}.tflite", QUANTIZATION[variant])
+            publish[variant] = (embed_metadata(path.read_bytes(), tmeta), tmeta)
+        # Every run replaces the folder's files of this model: older versions' variants go.
+        targets = publish_tflite(out / "tflite", name, publish, VARIANTS)
         if tflite_files:
             root_meta["tflite"] = {}
-            for variant, path in tflite_files.items():
-                info = report["tflite"][variant]
-                if not info["published"]:
-                    say(f"TFLite {variant}: not published: {info['reason']}")
-                    info["size_bytes"] = path.stat().st_size
-                    continue
-                file_name = f"{name}_{variant}.tflite"
-                tmeta = tflite_metadata(meta, variant, file_name, QUANTIZATION[variant])
-                target = publish_tflite(
-                    out / "tflite" / file_name, embed_metadata(path.read_bytes(), tmeta), tmeta
-                )
-                info.update(path=str(target), size_bytes=target.stat().st_size)
-                root_meta["tflite"][variant] = {
-                    "file": f"tflite/{file_name}",
-                    "signatures": tmeta["signatures"],
-                }
+        for variant, target in targets.items():
+            report["tflite"][variant].update(path=str(target), size_bytes=target.stat().st_size)
+            root_meta["tflite"][variant] = {
+                "file": f"tflite/{target.name}",
+                "signatures": publish[variant][1]["signatures"],
+            }
         write_json_atomic(out / METADATA_FILE, root_meta)
         report["created"] = meta["created"]
         write_json_atomic(out / REPORT_FILE, report)
