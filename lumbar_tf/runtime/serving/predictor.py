@@ -28,6 +28,7 @@ class ServingPredictor:
         self.label_semantics = labels.semantics_or_default(self.metadata.get("label_semantics"))
         self.fine_grades = self.label_semantics["fine_grades"]
         self.prior_threshold_probs = (self.metadata.get("prior") or {}).get("threshold_probs")
+        self.quality_bounds = self.metadata.get("quality_bounds")
         self.target = getattr(client, "target", "")
 
     def predict_views(self, views: dict) -> dict:
