@@ -329,7 +329,7 @@ def test_versions_are_numbered_and_written_atomically(tiny_run, phantom_cache, t
         export_model(tiny_run, out, version=2, **kwargs)
 
     # A failure half-way through writing leaves neither a version nor the staging folder.
-    def half_written(model, cfg, path):
+    def half_written(model, cfg, path, **kwargs):
         Path(path).mkdir(parents=True)
         (Path(path) / "saved_model.pb").write_bytes(b"partial")
         raise RuntimeError("disk full")

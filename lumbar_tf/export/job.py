@@ -194,10 +194,16 @@ def export_model(
         if calibration is not None:
             report["int8_calibration"] = calibration
 
-        # 2. SavedModel into a hidden staging folder, checked against Keras.
+        # 2. SavedModel into a hidden staging folder, checked against Keras. Its `metadata` signature
+        # serves this version's metadata (the number is TF Serving's: it is chosen at publishing).
         say(f"SavedModel: {SERVING_SIGNATURE} ({', '.join(cfg.view_names)} -> {', '.join(OUTPUT_SPECS)})")
         model_dir.mkdir(parents=True, exist_ok=True)
-        write_saved_model(loaded.model, cfg, staging)
+        extra = {"int8_calibration": calibration} if calibration else None
+        served = build_metadata(
+            loaded, name=name, version=0, evaluation_metrics=evaluation_metrics, extra=extra
+        )
+        served["version"] = None
+        write_saved_model(loaded.model, cfg, staging, metadata=served)
         saved = SavedModelRunner(staging)
         saved_out = saved.predict_views(views)
         diffs = {k: max_diff(saved_out[k], reference[k]) for k in OUTPUT_SPECS}
@@ -245,7 +251,6 @@ def export_model(
         verify.gate_variants(report, allow_degraded, floor=auc_loss_floor)
 
         # 5. Publish: metadata, rename the version into place, then the TFLite files that passed.
-        extra = {"int8_calibration": calibration} if calibration else None
 
         def make_metadata(number: int) -> dict:
             meta = build_metadata(
