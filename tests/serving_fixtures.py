@@ -344,6 +344,16 @@ _PATH = re.compile(
 )
 
 
+def _json_value(value):
+    """A numpy output as TF Serving's JSON writes it (DT_STRING as UTF-8 strings)."""
+    value = np.asarray(value)
+    if value.dtype.kind in "OS":
+        return np.vectorize(lambda b: b.decode("utf-8") if isinstance(b, bytes) else b, otypes=[object])(
+            value
+        ).tolist()
+    return value.tolist()
+
+
 def _rest_handler(repository: ModelRepository):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -444,10 +454,11 @@ def _rest_handler(repository: ModelRepository):
             if row_format:
                 n = len(next(iter(outputs.values())))
                 self._reply(
-                    200, {"predictions": [{k: v[i].tolist() for k, v in outputs.items()} for i in range(n)]}
+                    200,
+                    {"predictions": [{k: _json_value(v[i]) for k, v in outputs.items()} for i in range(n)]},
                 )
             else:
-                self._reply(200, {"outputs": {k: v.tolist() for k, v in outputs.items()}})
+                self._reply(200, {"outputs": {k: _json_value(v) for k, v in outputs.items()}})
 
     return Handler
 

@@ -334,7 +334,7 @@ def test_versions_are_numbered_and_written_atomically(
         export_model(tiny_run, out, version=2, **kwargs)
 
     # A failure half-way through writing leaves neither a version nor the staging folder.
-    def half_written(model, cfg, path):
+    def half_written(model, cfg, path, **kwargs):
         Path(path).mkdir(parents=True)
         (Path(path) / "saved_model.pb").write_bytes(b"partial")
         raise RuntimeError("disk full")
@@ -406,3 +406,56 @@ def test_export_script_is_a_thin_cli_wrapper():
     )
     assert done.returncode == 0
     assert "--tflite" in done.stdout and "--representative-size" in done.stdout
+
+
+# === Per-variant files follow their version (issue 14, item 5) ===
+
+
+def _sidecar_version(folder: Path, variant: str) -> int:
+    return json.loads((folder / f"{NAME}_{variant}.json").read_text())["version"]
+
+
+def test_publish_tflite_replaces_this_models_variants_and_leaves_nothing_stale(tmp_path):
+    from lumbar_tf.export.publish import publish_tflite
+    from lumbar_tf.export.tflite import VARIANTS
+
+    folder = tmp_path / "tflite"
+    v1 = {v: (b"v1-" + v.encode(), {"version": 1}) for v in ("float32", "int8")}
+    publish_tflite(folder, NAME, v1, VARIANTS)
+    other = folder / "other_model_int8.tflite"  # another model sharing the folder
+    other.write_bytes(b"other")
+    orphan = folder / f".{NAME}_float32.tflite.abc123"  # a killed export's temporary file
+    orphan.write_bytes(b"half")
+
+    written = publish_tflite(folder, NAME, {"float32": (b"v2", {"version": 2})}, VARIANTS)
+    assert written == {"float32": folder / f"{NAME}_float32.tflite"}
+    assert (folder / f"{NAME}_float32.tflite").read_bytes() == b"v2"
+    assert _sidecar_version(folder, "float32") == 2
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{NAME}_float32.tflite", f"{NAME}_float32.json", other.name]
+    )
+    assert publish_tflite(folder, NAME, {}, VARIANTS) == {}
+    assert sorted(p.name for p in folder.iterdir()) == [other.name]
+
+
+@pytest.mark.slow  # three exports, two TFLite conversions: ~40 s
+def test_second_export_replaces_per_variant_files_with_its_version(tiny_run, phantom_cache, tmp_path):
+    """Two real exports: the second one's sidecar, embedded metadata and metadata.json all say 2, and
+    a third without TFLite leaves no older version's file behind."""
+    from lumbar_tf.export.job import export_model
+    from lumbar_tf.runtime.tflite_model import read_embedded_metadata
+
+    out = tmp_path / "export"
+    folder = out / "tflite"
+    kwargs = {"cache_dir": phantom_cache, "representative_size": 2, "progress": False}
+    assert export_model(tiny_run, out, tflite=("float32",), **kwargs)["version"] == 1
+    assert _sidecar_version(folder, "float32") == 1
+    assert export_model(tiny_run, out, tflite=("float32",), **kwargs)["version"] == 2
+    root = json.loads((out / "metadata.json").read_text())
+    embedded = read_embedded_metadata((folder / f"{NAME}_float32.tflite").read_bytes())
+    assert root["version"] == _sidecar_version(folder, "float32") == embedded["version"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == [f"{NAME}_float32.json", f"{NAME}_float32.tflite"]
+
+    assert export_model(tiny_run, out, tflite=(), **kwargs)["version"] == 3
+    assert list(folder.iterdir()) == []
+    assert "tflite" not in json.loads((out / "metadata.json").read_text())

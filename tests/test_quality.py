@@ -190,6 +190,7 @@ def test_phantom_prediction_records_quality(tiny_export, phantom_dir):
         "curvature_deg",
         "neighbour_correlation",
         "entropy_bits",
+        "levels_at_view_edge",
     }
     assert checks["neighbour_correlation"]["ok"] and checks["entropy_bits"]["ok"], checks
     assert (quality.warning_for(preds["quality"]) in preds["warnings"]) == (not preds["quality"]["plausible"])
@@ -223,3 +224,102 @@ def test_report_and_heatmap_banner_only_when_implausible(tmp_path):
     assert 'class="implausible"' not in pages["ok"] and "Implausible input" not in pages["ok"]
     assert all("Implausible input" in t for t in titles["bad"])
     assert not any("Implausible input" in t for t in titles["ok"])
+
+
+# === Bounds measured per trained model ===
+
+
+def test_levels_squeezed_at_the_views_lower_edge_are_advisory_not_implausible():
+    """L5/S1 below the view: the localiser presses the two lowest levels into the last millimetres
+    (measured on the demo model: every such held-out phantom). That is a cut-off view, not a foreign
+    image: its own warning, and the input stays plausible."""
+    from lumbar_tf.runtime.predictions import build_predictions
+
+    xy = _spine(spacing_mm=32.0, lordosis_deg=20.0, top=0.53)
+    xy[3, 1], xy[4, 1] = 0.92, 0.99  # L4/L5 and L5/S1 squeezed: ~14 mm apart
+    qc = quality.assess(xy, CROP_MM)
+    assert qc["plausible"], qc["checks"]
+    edge = qc["checks"]["levels_at_view_edge"]
+    assert not edge["ok"] and edge["levels"] == ["l4_l5", "l5_s1"]
+    positions = [{"level": lv, "instance_number": 1, "x": 1.0, "y": 2.0} for lv in quality_levels()]
+    info = {"name": "m", "version": 1, "format": "keras"}
+    preds = build_predictions(
+        "1", np.full((5, 5, 3), 0.2), xy, model_info=info, level_positions=positions, quality=qc
+    )
+    assert [w for w in preds["warnings"] if "lower edge" in w] == [
+        quality.EDGE_WARNING.format(levels="l4_l5, l5_s1")
+    ]
+    assert not any("lumbar-spine MRI" in w for w in preds["warnings"]) and quality.banner(preds) is None
+
+    # The same squeeze away from the edge, or three squeezed segments, is implausible.
+    high = xy.copy()
+    high[:, 1] -= 0.1
+    assert "spacing_mm" in quality.failed(quality.assess(high, CROP_MM))
+    deeper = xy.copy()
+    deeper[1, 1] = 0.80
+    assert "spacing_mm" in quality.failed(quality.assess(deeper, CROP_MM))
+    # A plausible L5/S1 near the edge (not squeezed) raises nothing.
+    low = _spine(spacing_mm=30.0, lordosis_deg=20.0, top=0.37)
+    assert low[4, 1] > 0.94 and quality.assess(low, CROP_MM)["checks"]["levels_at_view_edge"]["ok"]
+
+
+def test_a_collapsed_localiser_is_flagged_whatever_the_bounds():
+    """An unsure localiser puts all five levels on one spot (the 2-epoch tiny model does: 1-4 mm
+    apart on every phantom); near the lower edge too, it is never mistaken for a cut-off view."""
+    rng = np.random.default_rng(1)
+    for y in (0.5, 0.97):
+        xy = np.column_stack([0.5 + rng.normal(0, 0.003, 5), y + np.arange(5) * 0.004])
+        qc = quality.assess(xy, CROP_MM, bounds={"spacing_mm": [12.0, 80.0]})
+        assert not qc["plausible"] and "spacing_mm" in quality.failed(qc), y
+
+
+def test_bounds_from_training_cover_the_labels_with_a_margin():
+    spines = np.stack([_spine(s, lordosis) for s in (26.0, 30.0, 40.0) for lordosis in (10.0, 40.0)])
+    images = [np.tile(np.linspace(0, 255, 48), (48, 1)) for _ in spines]
+    bounds = quality.bounds_from_training(spines, np.ones((len(spines), 5)), CROP_MM, images)
+    assert bounds["n_studies"] == 6
+    assert bounds["measured"]["spacing_mm"] == pytest.approx([26.0, 40.0], abs=0.01)
+    assert bounds["spacing_mm"] == pytest.approx([26.0 * 0.75, 40.0 * 1.25], abs=0.01)
+    assert bounds["max_lordosis_deg"] == pytest.approx(40.0 + quality.LORDOSIS_MARGIN_DEG, abs=0.01)
+    for xy in spines:  # the training labels themselves pass
+        assert quality.level_checks(xy, CROP_MM, bounds)["spacing_mm"]["ok"]
+    # Tighter than the fallback where the data is: 55 mm passes the fallback, not these bounds.
+    wide = _spine(55.0, top=0.05) * CROP_MM / 300.0  # 55 mm apart in a 300 mm view
+    assert quality.failed(quality.assess(wide, 300.0, bounds=bounds)) == ["spacing_mm"]
+    assert quality.failed(quality.assess(wide, 300.0)) == []
+    # Too few complete studies: no bounds (runtimes use the fallback).
+    present = np.ones((len(spines), 5))
+    present[2:, 1] = 0
+    assert quality.bounds_from_training(spines, present, CROP_MM, images) is None
+
+
+def test_the_trained_models_bounds_travel_to_every_runtime(tiny_run, tiny_export, phantom_dir):
+    """Training records the bounds from its training split; the .keras model, metadata.json, the
+    TFLite sidecar and embedded metadata, and each predictor carry the same dict, and the quality
+    record of a prediction names them."""
+    from lumbar_tf.runtime.keras_model import KerasPredictor
+    from lumbar_tf.runtime.predictor import predict_study
+    from lumbar_tf.runtime.saved_model import SavedModelPredictor
+    from lumbar_tf.runtime.tflite_model import EdgeModel, read_embedded_metadata
+
+    recorded = json.loads((tiny_run / "quality_bounds.json").read_text())
+    assert recorded["source"].startswith("training labels") and recorded["n_studies"] >= 3
+    lo, hi = recorded["measured"]["spacing_mm"]
+    assert 15.0 < lo < hi < 60.0  # phantom anatomy, not edge cases
+    meta = json.loads((tiny_export / "metadata.json").read_text())
+    tflite = next((tiny_export / "tflite").glob("*_float32.tflite"))
+    keras_predictor = KerasPredictor(tiny_run)
+    version = tiny_export / "saved_model" / "lumbar_spine" / str(meta["version"])
+    for carried in (
+        keras_predictor.quality_bounds,
+        meta["quality_bounds"],
+        json.loads(tflite.with_suffix(".json").read_text())["quality_bounds"],
+        read_embedded_metadata(tflite.read_bytes())["quality_bounds"],
+        EdgeModel(tflite).quality_bounds,
+        SavedModelPredictor(version).quality_bounds,
+    ):
+        assert carried == recorded
+    study_dir = sorted((phantom_dir / "train_images").iterdir())[0]
+    preds = predict_study(keras_predictor, study_dir).predictions
+    assert preds["quality"]["bounds"] == recorded["source"]
+    assert preds["quality"]["checks"]["spacing_mm"]["range"] == recorded["spacing_mm"]

@@ -636,3 +636,106 @@ def test_docker_compose_wires_ports_models_and_configs():
 
 def test_client_example_compiles():
     compile((SERVING / "client_example.py").read_text(), "client_example.py", "exec")
+
+
+# === The served model gives its own preprocessing (issue 12, item 4) ===
+
+
+@pytest.fixture(scope="module")
+def served_export(tiny_export):
+    """The session's real export (its SavedModel has the `metadata` signature), served over gRPC and
+    REST by the in-process stand-ins."""
+    repository = ModelRepository({MODEL: tiny_export / "saved_model" / MODEL})
+    with (
+        grpc_server({}, repository=repository) as grpc_running,
+        rest_server({}, repository=repository) as rest,
+    ):
+        yield tiny_export, grpc_running.target, rest.base_url
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_serving_predictor_takes_preprocessing_from_the_served_model(served_export, phantom_dir, transport):
+    """No local file: preprocessing, label semantics, prior and quality bounds come from the
+    `metadata` signature, the client is pinned to the version that answered, and the study's
+    predictions equal the SavedModel run directly."""
+    from lumbar_tf.runtime.saved_model import SavedModelPredictor
+
+    export, grpc_target, rest_url = served_export
+    local = load_export_metadata(export)
+    version = local["version"]
+    if transport == "grpc":
+        client = GrpcClient(grpc_target, timeout_s=10.0, retries=1)
+    else:
+        client = RestClient(rest_url, timeout_s=10.0, retries=1)
+    predictor = ServingPredictor(client)
+    assert predictor.metadata_source == "served model"
+    assert client.version == version == predictor.served_version
+    assert predictor.metadata["version"] is None  # the number is TF Serving's (chosen at publishing)
+    for key in ("preprocess", "label_semantics", "prior", "quality_bounds", "conditions", "levels"):
+        assert predictor.metadata[key] == local[key], key
+    assert predictor.preprocess == preprocess_config_from_metadata(local)
+    assert predictor.quality_bounds["source"].startswith("training labels")
+
+    study_dir = sorted((phantom_dir / "train_images").iterdir())[0]
+    served = predict_study_with(predictor, study_dir).predictions
+    direct = predict_study_with(SavedModelPredictor(export / "saved_model" / MODEL / str(version)), study_dir)
+    assert served["model"] == {"name": MODEL, "version": version, "format": "saved_model"}
+    np.testing.assert_allclose(
+        [c["presence"] for c in served["cells"]],
+        [c["presence"] for c in direct.predictions["cells"]],
+        atol=1e-5,
+    )
+    assert served["quality"] == direct.predictions["quality"]
+
+
+def test_local_metadata_that_disagrees_with_the_served_model_is_refused(served_export):
+    export, grpc_target, _ = served_export
+    local = load_export_metadata(export)
+    other = json.loads(json.dumps(local))
+    other["preprocess"]["view_size"] = other["preprocess"]["view_size"] * 2  # another version's
+    with GrpcClient(grpc_target, timeout_s=10.0, retries=1) as client:
+        with pytest.raises(ServingError, match="preprocessing differs from the local metadata.json"):
+            ServingPredictor(client, other)
+        agreeing = ServingPredictor(client, local)
+        assert agreeing.metadata_source == "served model"
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_an_older_export_without_the_signature_needs_its_metadata_json(
+    export_dir, grpc_target, rest_url, transport
+):
+    """The module's stand-in model has no `metadata` signature: without a local file the error says
+    so in one line; with one, that file is used and nothing is pinned."""
+    if transport == "grpc":
+        client = GrpcClient(grpc_target, timeout_s=5.0, retries=1)
+    else:
+        client = RestClient(rest_url, timeout_s=5.0, retries=1)
+    with pytest.raises(ServingError) as missing:
+        ServingPredictor(client)
+    message = str(missing.value)
+    assert "has no 'metadata' signature" in message and "metadata.json" in message and "\n" not in message
+    predictor = ServingPredictor(client, load_export_metadata(export_dir))
+    assert predictor.metadata_source == "local metadata.json" and client.version is None
+
+
+def test_status_lines_report_the_served_preprocessing():
+    from lumbar_tf.runtime.serving.status import status_lines
+
+    status = {
+        "model": MODEL,
+        "versions": [{"version": 3, "state": "AVAILABLE", "error": None}],
+        "serving": 3,
+        "signature": {"inputs": {"sag_t2": {}, "sag_t1": {}}, "outputs": {"level_xy": {}}},
+        "metadata": {
+            "version": 3,
+            "views": ["sag_t2", "sag_t1"],
+            "view_size": 192,
+            "quality_bounds": "training labels and views (218 studies)",
+        },
+    }
+    lines = status_lines(status)
+    assert lines[2] == (
+        "  metadata: preprocessing served by version 3 (sag_t2, sag_t1 at 192 px; quality bounds: "
+        "training labels and views (218 studies))"
+    )
+    assert "not served" in status_lines({**status, "metadata": None})[2]

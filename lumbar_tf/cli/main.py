@@ -273,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="TF Serving gRPC address HOST:8500")
     p.add_argument("--rest", help="TF Serving REST base URL http://HOST:8501")
     p.add_argument("--model-name", default="lumbar_spine")
-    p.add_argument("--metadata", type=Path, help="export metadata.json (preprocessing) for --server/--rest")
+    p.add_argument(
+        "--metadata",
+        type=Path,
+        help="export metadata.json for --server/--rest; default: the served model's metadata signature",
+    )
     p.add_argument("--heatmaps", action="store_true", help="also write the grid and per-disc overlay")
     p.add_argument(
         "--dicom-out", type=Path, help="also write the DICOM SR and overlay (with --study) for the PACS"

@@ -3,7 +3,8 @@
     lumbar-tf predict --model RUN|model.keras|SAVED_MODEL|EXPORT|x.tflite --study DIR [--out OUT] [--heatmaps]
         [--dicom-out DIR [--deidentify]]      # also the SR + overlay for the PACS (lumbar_tf.pacs)
     lumbar-tf predict --model ... --data TEST_FOLDER --submission submission.csv [--out OUT]
-    lumbar-tf predict --server HOST:8500 | --rest http://HOST:8501 --metadata EXPORT/metadata.json --study DIR
+    lumbar-tf predict --server HOST:8500 | --rest http://HOST:8501 --study DIR   # preprocessing from the
+        [--metadata EXPORT/metadata.json]     # served model; a local file only for older exports
 
 The runtime is chosen from the model path (`runtime.artifacts.load_predictor`) or the server flag
 (`runtime.serving.predictor.ServingPredictor`); every runtime then takes the same path from the study
@@ -26,9 +27,7 @@ def _predictor(args):
     if args.server or args.rest:
         from lumbar_tf.runtime.serving.predictor import ServingPredictor
 
-        source = args.metadata or args.model
-        if source is None:
-            raise UsageError("--metadata: required with --server/--rest (the export's metadata.json)")
+        source = args.metadata or args.model  # None: the served model's own metadata signature
         if args.server:
             from lumbar_tf.runtime.serving.grpc import GrpcClient
 

@@ -20,6 +20,12 @@ OUTPUT_SPECS = {
     "level_xy": ([None, 5, 2], "disc-level centres (x, y) in normalised view coordinates, L1/L2..L5/S1"),
 }
 OUTPUT_NAMES = tuple(OUTPUT_SPECS)
+# The served model's own metadata.json (preprocessing, label semantics, quality bounds), so a client
+# needs no file beside it: ``rows [B] float32`` (any values; TF Serving refuses signatures without
+# inputs and its batching needs a batch axis) -> ``metadata [B]`` string, the JSON once per row.
+METADATA_SIGNATURE = "metadata"
+METADATA_INPUT = "rows"
+METADATA_OUTPUT = "metadata"
 
 # TFLite (tablets): two signatures, the runner crops between them.
 LOCALIZE = "localize"

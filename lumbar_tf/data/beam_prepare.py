@@ -8,6 +8,12 @@ training cannot tell the two apart. apache-beam is an optional extra (``pip inst
 The data and cache folders must be paths every Beam worker can open (a local disk for ``direct``;
 a shared file system such as NFS/Filestore mounted at the same path on every Dataflow, Flink or
 Spark worker): pydicom reads the study files directly.
+
+Local runners (``direct``, ``prism``) shuffle in memory, and a fixed shard count makes Beam group
+every record by shard before writing, so the whole cache sat in RAM (peak memory grew with the
+number of studies: benchmarks/prepare_memory_results.md). There each bundle streams into its own
+file and this driver re-shards those files record by record; cluster runners shuffle on disk and
+write the shards themselves.
 """
 
 from __future__ import annotations
@@ -65,6 +71,25 @@ def _status(result) -> str:
     return json.dumps({"study_id": sid, "error": error, "warnings": record["warnings"] if record else []})
 
 
+def _reshard(bundles: list[Path], prefix: Path, n_shards: int) -> None:
+    """Stream the records of the per-bundle files round-robin into ``{prefix}-NNN.tfrecord``
+    (one record in memory at a time), then delete the bundle files."""
+    import tensorflow as tf
+
+    writers = [tf.io.TFRecordWriter(f"{prefix}-{i:03d}.tfrecord") for i in range(n_shards)]
+    try:
+        n = 0
+        for bundle in bundles:
+            for record in tf.data.TFRecordDataset(str(bundle)).as_numpy_iterator():
+                writers[n % n_shards].write(record)
+                n += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    for bundle in bundles:
+        bundle.unlink()
+
+
 def prepare_cache_beam(
     data_dir,
     cache_dir,
@@ -79,6 +104,7 @@ def prepare_cache_beam(
     `dataset.prepare_cache` would write; returns the manifest."""
     import apache_beam as beam
     from apache_beam.io.tfrecordio import WriteToTFRecord
+    from apache_beam.options.pipeline_options import StandardOptions
 
     index = dataset.read_index(data_dir, split)
     todo, skipped = dataset.select_studies(index, split, study_ids)
@@ -97,6 +123,7 @@ def prepare_cache_beam(
     # stays whole until the manifest naming the new shards is swapped in.
     generation = os.urandom(4).hex()
     prefix = cache / f".beam-{generation}"
+    local = options.view_as(StandardOptions).runner in (RUNNERS["direct"], RUNNERS["prism"])
     tasks = [
         (index.images_dir, index.studies.get(sid), sid, index.descriptions.get(sid, {}), cfg, None)
         for sid in todo
@@ -111,12 +138,14 @@ def prepare_cache_beam(
             >> WriteToTFRecord(
                 str(prefix),
                 file_name_suffix=".tfrecord",
-                num_shards=n_shards,
-                shard_name_template="-SSS",
+                num_shards=0 if local else n_shards,  # 0: one file per bundle, no shuffle
+                shard_name_template="-bundle-SSSSS" if local else "-SSS",
             )
         )
         results | "Status" >> beam.Map(_status) | "WriteStatus" >> beam.io.WriteToText(str(cache / _STATUS))
 
+    if local:
+        _reshard(sorted(cache.glob(f"{prefix.name}-bundle-*.tfrecord")), prefix, n_shards)
     outcome = {}
     for path in sorted(cache.glob(_STATUS + "*")):
         for line in path.read_text().splitlines():

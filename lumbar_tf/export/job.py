@@ -11,6 +11,7 @@ Writes::
     EXPORT/metadata.json                        copy of the newest version's metadata (+ the TFLite files)
     EXPORT/tflite/<name>_<variant>.tflite       signatures localize + grade, builtin ops only,
     EXPORT/tflite/<name>_<variant>.json         metadata embedded in the file and in this sidecar
+                                                (only this version's variants: older ones are removed)
     EXPORT/export_report.json                   sizes, largest differences from Keras, ROC-AUC per runtime,
                                                 whether each TFLite variant was published and why not
 
@@ -193,10 +194,16 @@ def export_model(
         if calibration is not None:
             report["int8_calibration"] = calibration
 
-        # 2. SavedModel into a hidden staging folder, checked against Keras.
+        # 2. SavedModel into a hidden staging folder, checked against Keras. Its `metadata` signature
+        # serves this version's metadata (the number is TF Serving's: it is chosen at publishing).
         say(f"SavedModel: {SERVING_SIGNATURE} ({', '.join(cfg.view_names)} -> {', '.join(OUTPUT_SPECS)})")
         model_dir.mkdir(parents=True, exist_ok=True)
-        write_saved_model(loaded.model, cfg, staging)
+        extra = {"int8_calibration": calibration} if calibration else None
+        served = build_metadata(
+            loaded, name=name, version=0, evaluation_metrics=evaluation_metrics, extra=extra
+        )
+        served["version"] = None
+        write_saved_model(loaded.model, cfg, staging, metadata=served)
         saved = SavedModelRunner(staging)
         saved_out = saved.predict_views(views)
         diffs = {k: max_diff(saved_out[k], reference[k]) for k in OUTPUT_SPECS}
@@ -244,7 +251,6 @@ def export_model(
         verify.gate_variants(report, allow_degraded, floor=auc_loss_floor)
 
         # 5. Publish: metadata, rename the version into place, then the TFLite files that passed.
-        extra = {"int8_calibration": calibration} if calibration else None
 
         def make_metadata(number: int) -> dict:
             meta = build_metadata(
@@ -261,24 +267,25 @@ def export_model(
             path=str(model_dir / str(version)), size_bytes=dir_size(model_dir / str(version))
         )
         root_meta = dict(meta)
+        publish: dict[str, tuple[bytes, dict]] = {}
+        for variant, path in tflite_files.items():
+            info = report["tflite"][variant]
+            if not info["published"]:
+                say(f"TFLite {variant}: not published: {info['reason']}")
+                info["size_bytes"] = path.stat().st_size
+                continue
+            tmeta = tflite_metadata(meta, variant, f"{name}_{variant}.tflite", QUANTIZATION[variant])
+            publish[variant] = (embed_metadata(path.read_bytes(), tmeta), tmeta)
+        # Every run replaces the folder's files of this model: older versions' variants go.
+        targets = publish_tflite(out / "tflite", name, publish, VARIANTS)
         if tflite_files:
             root_meta["tflite"] = {}
-            for variant, path in tflite_files.items():
-                info = report["tflite"][variant]
-                if not info["published"]:
-                    say(f"TFLite {variant}: not published: {info['reason']}")
-                    info["size_bytes"] = path.stat().st_size
-                    continue
-                file_name = f"{name}_{variant}.tflite"
-                tmeta = tflite_metadata(meta, variant, file_name, QUANTIZATION[variant])
-                target = publish_tflite(
-                    out / "tflite" / file_name, embed_metadata(path.read_bytes(), tmeta), tmeta
-                )
-                info.update(path=str(target), size_bytes=target.stat().st_size)
-                root_meta["tflite"][variant] = {
-                    "file": f"tflite/{file_name}",
-                    "signatures": tmeta["signatures"],
-                }
+        for variant, target in targets.items():
+            report["tflite"][variant].update(path=str(target), size_bytes=target.stat().st_size)
+            root_meta["tflite"][variant] = {
+                "file": f"tflite/{target.name}",
+                "signatures": publish[variant][1]["signatures"],
+            }
         write_json_atomic(out / METADATA_FILE, root_meta)
         report["created"] = meta["created"]
         write_json_atomic(out / REPORT_FILE, report)

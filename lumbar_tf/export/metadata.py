@@ -25,7 +25,7 @@ from lumbar_tf.core.contract import (
     SERVING_SIGNATURE,
     THRESHOLD_PROBS,
 )
-from lumbar_tf.runtime.keras_model import label_semantics_of, run_prior
+from lumbar_tf.runtime.keras_model import label_semantics_of, quality_bounds_of, run_prior
 
 LABEL_CODES = {
     "-2": "normal/mild",
@@ -143,6 +143,8 @@ def build_metadata(
             "threshold_probs": run_prior(loaded.run_dir),
             "meaning": "class frequencies of the training split; the rows of a study that cannot be read",
         },
+        # Input-quality bounds measured on the training split (null: runtimes use the fallback).
+        "quality_bounds": quality_bounds_of(loaded),
         "conditions": list(L.CONDITIONS),
         "levels": list(L.LEVELS),
         "grades": list(L.GRADES),
@@ -184,6 +186,7 @@ TFLITE_KEEP = (
     "label_semantics",
     "fine_grades",
     "prior",
+    "quality_bounds",
     "conditions",
     "levels",
     "grades",

@@ -52,8 +52,29 @@ def publish_version(staging: Path, model_dir: Path, version, make_metadata) -> i
     raise ExportError(f"{model_dir}: cannot find a free version number")
 
 
-def publish_tflite(target: Path, content: bytes, metadata: dict) -> Path:
-    """The ``.tflite`` file (metadata embedded by the caller) and its ``.json`` sidecar, atomically."""
-    write_bytes_atomic(target, content)
-    write_json_atomic(target.with_suffix(".json"), metadata)
-    return target
+def publish_tflite(folder: Path, name: str, files: dict[str, tuple[bytes, dict]], variants) -> dict:
+    """Make ``folder`` hold this version's per-variant files of model ``name`` and nothing older.
+
+    ``files``: ``{variant: (.tflite content with its metadata embedded, sidecar metadata)}``, the
+    variants this version publishes. Each ``.tflite`` and then its ``.json`` sidecar is replaced
+    atomically; afterwards every ``<name>_<variant>.tflite/.json`` of the known ``variants`` that this
+    version did not publish (not exported, or refused by the AUC gate) is removed, with the temporary
+    files a killed export left, so no sidecar says an older version than ``metadata.json``. Other
+    models' files in the folder are left alone. Returns ``{variant: path}``.
+    """
+    folder = Path(folder)
+    written = {}
+    for variant, (content, metadata) in files.items():
+        target = folder / f"{name}_{variant}.tflite"
+        write_bytes_atomic(target, content)
+        write_json_atomic(target.with_suffix(".json"), metadata)
+        written[variant] = target
+    if folder.is_dir():
+        for variant in variants:
+            for suffix in (".tflite", ".json"):
+                file_name = f"{name}_{variant}{suffix}"
+                stale = [] if variant in files else [folder / file_name]
+                stale += folder.glob(f".{file_name}.*")  # `write_bytes_atomic` temporaries
+                for path in stale:
+                    path.unlink(missing_ok=True)
+    return written

@@ -5,7 +5,7 @@ TFLite converter reads.
 probabilities): one float32 input per view ``[None, S, S, 3]`` (0-255) named by the view, outputs
 ``grade_probs``, ``threshold_probs``, ``presence`` and ``level_xy``. ``presence`` follows the flag the
 model carries (`models.end_to_end.StudyGrades`): P(>=1) when its training labels knew grades 0/1,
-else P(>=2).
+else P(>=2). A ``metadata`` signature returns the version's metadata.json (`write_saved_model`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from lumbar_tf.core.contract import (
     LEVEL_INDEX,
     LEVEL_XY,
     LOCALIZE,
+    METADATA_INPUT,
+    METADATA_OUTPUT,
+    METADATA_SIGNATURE,
     OUTPUT_SPECS,
     SERVING_SIGNATURE,
     THRESHOLD_PROBS,
@@ -25,8 +28,10 @@ from lumbar_tf.core.contract import (
 SAVED_MODEL_TOLERANCE = 1e-3
 
 
-def write_saved_model(model, cfg, path) -> None:
-    """The end-to-end model as a SavedModel with the ``serving_default`` signature of the contract."""
+def write_saved_model(model, cfg, path, metadata: dict | None = None) -> None:
+    """The end-to-end model as a SavedModel with the ``serving_default`` signature of the contract,
+    and, given ``metadata``, a ``metadata`` signature returning it as JSON (contract
+    `METADATA_SIGNATURE`), so clients take the preprocessing from the model they call."""
     import keras
     import tensorflow as tf
 
@@ -41,6 +46,19 @@ def write_saved_model(model, cfg, path) -> None:
         return {key: outputs[key] for key in OUTPUT_SPECS}
 
     archive.add_endpoint(SERVING_SIGNATURE, serve, input_signature=[specs])
+    if metadata is not None:
+        import json
+
+        text = json.dumps(metadata, sort_keys=True, allow_nan=False)
+
+        def served_metadata(rows):
+            return {METADATA_OUTPUT: tf.fill(tf.shape(rows), tf.constant(text))}
+
+        archive.add_endpoint(
+            METADATA_SIGNATURE,
+            served_metadata,
+            input_signature=[tf.TensorSpec([None], tf.float32, name=METADATA_INPUT)],
+        )
     archive.write_out(str(path), verbose=False)
 
 

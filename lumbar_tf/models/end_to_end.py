@@ -125,9 +125,10 @@ class PreprocessingCard(keras.layers.Layer):
     ``.keras`` file, so predict, explain and export can never pair a model with other preprocessing.
     """
 
-    def __init__(self, preprocess: dict, **kwargs):
+    def __init__(self, preprocess: dict, quality: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.preprocess = preprocess
+        self.quality = quality  # `runtime.quality.bounds_from_training` of the training split
 
     def call(self, inputs):
         return ops.cast(inputs, "float32")
@@ -135,6 +136,8 @@ class PreprocessingCard(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["preprocess"] = self.preprocess
+        if self.quality is not None:
+            config["quality"] = self.quality
         return config
 
 
@@ -148,17 +151,29 @@ def preprocess_config_of(model: keras.Model) -> PreprocessConfig:
     return preprocess_config_from_dict(model.get_layer("level_xy").preprocess)
 
 
+def quality_bounds_of(model: keras.Model) -> dict | None:
+    """The input-quality bounds stored by `build_end_to_end` (None for models without them)."""
+    return getattr(model.get_layer("level_xy"), "quality", None)
+
+
 def build_end_to_end(
-    localizer: keras.Model, grader: keras.Model, preprocess_cfg, *, fine_grades: bool = True
+    localizer: keras.Model,
+    grader: keras.Model,
+    preprocess_cfg,
+    *,
+    fine_grades: bool = True,
+    quality_bounds: dict | None = None,
 ) -> keras.Model:
     """Chain the trained localiser and grader into one model with the export contract's tensors
-    (``fine_grades``: see `StudyGrades`)."""
+    (``fine_grades``: see `StudyGrades`; ``quality_bounds``: `runtime.quality.bounds_from_training`)."""
     size = preprocess_cfg.view_size
     inputs = {
         name: keras.Input((size, size, 3), name=name, dtype="float32") for name in preprocess_cfg.view_names
     }
     level_xy = localizer(inputs[preprocess_cfg.localizer_view])
-    level_xy = PreprocessingCard(config_to_dict(preprocess_cfg), name="level_xy", dtype="float32")(level_xy)
+    level_xy = PreprocessingCard(
+        config_to_dict(preprocess_cfg), quality_bounds, name="level_xy", dtype="float32"
+    )(level_xy)
     half = preprocess_cfg.crop_mm / preprocess_cfg.spine_crop_mm / 2.0
     crops = {
         name: LevelCrop(preprocess_cfg.crop_size, half, name=f"crop_{name}")(inputs[name], level_xy)

@@ -94,6 +94,7 @@ class KerasPredictor:
         self.fine_grades = self.label_semantics["fine_grades"]
         self.path = self.loaded.path
         self.prior_threshold_probs = run_prior(self.loaded.run_dir)
+        self.quality_bounds = quality_bounds_of(self.loaded)
 
     def predict_views(self, views: dict) -> dict:
         return self.loaded.predict_views(views)
@@ -120,6 +121,16 @@ def label_semantics_of(loaded: LoadedModel) -> dict:
     except ValueError:  # no study_grades layer
         return labels.semantics_or_default(None)
     return labels.semantics_or_default({"fine_grades": fine, "source": "model config (no run record)"})
+
+
+def quality_bounds_of(loaded: LoadedModel) -> dict | None:
+    """The input-quality bounds the model carries (`runtime.quality.bounds_from_training`), or None."""
+    from lumbar_tf.models.end_to_end import quality_bounds_of as stored
+
+    try:
+        return stored(loaded.model)
+    except ValueError:  # no level_xy layer
+        return None
 
 
 def run_prior(run_dir) -> list | None:

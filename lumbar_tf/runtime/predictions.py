@@ -17,7 +17,7 @@ from lumbar_tf import preprocess
 from lumbar_tf.core import labels
 from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.core.io import write_csv_atomic, write_json_atomic
-from lumbar_tf.runtime.quality import warning_for as quality_warning
+from lumbar_tf.runtime.quality import warnings_for as quality_warnings
 
 SUBMISSION_HEADER = ("row_id", *labels.SUBMISSION_COLUMNS)
 LEVEL_POSITION_KEYS = ("level", "instance_number", "x", "y")
@@ -132,8 +132,7 @@ def build_predictions(
     grade_probs = labels.grade_probs_from_thresholds(monotone).astype(np.float64) if fine_grades else rsna
     if not fine_grades:
         warnings.append(RSNA_ONLY_WARNING)
-    if quality is not None and not quality["plausible"]:
-        warnings.append(quality_warning(quality))
+    warnings.extend(quality_warnings(quality))
     presence = labels.presence(monotone, fine_grades_known=fine_grades).astype(np.float64)
 
     cells = []

@@ -151,7 +151,12 @@ def study_result(predictor, study: Study, built: tuple, outputs: dict, *, study_
     warnings = list(warnings)
     level_xy = outputs["level_xy"][0]
     positions = predictions.level_positions_from_views(study, grid, info, level_xy, cfg, warnings)
-    qc = quality.assess(level_xy, grid.spine_crop_mm, quality.midline_channel(views, cfg))
+    qc = quality.assess(
+        level_xy,
+        grid.spine_crop_mm,
+        quality.midline_channel(views, cfg),
+        bounds=getattr(predictor, "quality_bounds", None),  # measured on the model's training data
+    )
     preds = predictions.build_predictions(
         study_id if study_id is not None else study.study_id,
         outputs["threshold_probs"][0],

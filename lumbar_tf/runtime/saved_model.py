@@ -49,6 +49,7 @@ class SavedModelPredictor:
         self.label_semantics = labels.semantics_or_default(self.metadata.get("label_semantics"))
         self.fine_grades = self.label_semantics["fine_grades"]
         self.prior_threshold_probs = (self.metadata.get("prior") or {}).get("threshold_probs")
+        self.quality_bounds = self.metadata.get("quality_bounds")
         try:
             self.runner = SavedModelRunner(self.path)
         except Exception as exc:  # noqa: BLE001  (TF raises OSError, ValueError, KeyError, ... here)

@@ -170,6 +170,7 @@ class EdgeModel:
         self.label_semantics = labels.semantics_or_default(metadata.get("label_semantics"))
         self.fine_grades = self.label_semantics["fine_grades"]
         self.prior_threshold_probs = (metadata.get("prior") or {}).get("threshold_probs")
+        self.quality_bounds = metadata.get("quality_bounds")
         self._localize = self.interpreter.get_signature_runner(LOCALIZE)
         self._grade = self.interpreter.get_signature_runner(GRADE)
         self._check_signatures(signatures)

@@ -6,6 +6,7 @@ Run folder layout::
     RUN/split.json           study -> fold, and which fold is validation
     RUN/prior.json           training-split class frequencies (the constant-prior baseline)
     RUN/label_semantics.json which grade thresholds the training labels made known (also in finished.json)
+    RUN/quality_bounds.json  input-quality bounds measured on the training split (also in model.keras)
     RUN/localizer.keras      best localiser by validation loss
     RUN/grader.keras         best grader by validation loss
     RUN/history/*.csv        per-epoch histories (CSVLogger)
@@ -41,6 +42,7 @@ from lumbar_tf.data.dataset import (
 from lumbar_tf.training import multiworker
 
 FINISHED = "finished.json"
+QUALITY_BOUNDS_FILE = "quality_bounds.json"
 
 
 def _fit_stage(model, run: Path, name: str, stage, train_ds, val_ds, steps: int, seed: int, extra_callbacks):
@@ -235,6 +237,21 @@ def _prior(grades: np.ndarray) -> list:
     return np.asarray(prior_threshold_probs_from_grades(grades)).tolist()
 
 
+def record_quality_bounds(run: Path, studies: dict, cfg: Config) -> dict | None:
+    """The input-quality bounds of this model, from its training split (labelled level centres and
+    the localiser views' midline channels; `runtime.quality.bounds_from_training`), written as
+    ``RUN/quality_bounds.json``; the end-to-end model and the export metadata carry them."""
+    from lumbar_tf.runtime import quality
+
+    channel = quality.midline_channel(studies["views"], cfg.preprocess)
+    bounds = quality.bounds_from_training(
+        studies["level_xy"], studies["level_present"], cfg.preprocess.spine_crop_mm, channel
+    )
+    if bounds is not None:
+        write_json_atomic(run / QUALITY_BOUNDS_FILE, bounds)
+    return bounds
+
+
 def train(
     data_dir,
     run_dir,
@@ -291,6 +308,7 @@ def train(
     write_json_atomic(run / RUN_PRIOR_FILE, {"threshold_probs": _prior(studies["grades"])})
     semantics = L.label_semantics(studies["grades"])
     write_json_atomic(run / RUN_LABEL_SEMANTICS_FILE, semantics)
+    quality_bounds = record_quality_bounds(run, studies, cfg)
     print(f"dtype policy {policy}; {len(train_ids)} training and {len(val_ids)} validation studies")
     if not semantics["fine_grades"]:
         print("labels: RSNA severities only (no train_grades.csv): presence is P(>= moderate)")
@@ -328,6 +346,7 @@ def train(
             keras.models.load_model(run / "grader.keras", compile=False),
             cfg.preprocess,
             fine_grades=semantics["fine_grades"],
+            quality_bounds=quality_bounds,
         )
         end_to_end.save(run / "model.keras")
         summary["data_dir"] = str(Path(data_dir).resolve())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 
+from lumbar_tf.core.contract import METADATA_SIGNATURE
 from lumbar_tf.core.errors import ServingError
 
 # The request of one study is ~0.9 MB at 192 px; batches of studies can pass gRPC's 4 MB default.
@@ -69,3 +71,35 @@ def retry(call, *, tries: int, backoff_s: float, transient) -> object:
                 raise
             time.sleep(backoff_s * (2**attempt))
     raise AssertionError("unreachable")
+
+
+# === The served model's own metadata ===
+
+
+def parse_served_metadata(values, target: str, model_ref: str) -> dict:
+    """The ``metadata`` signature's answer (one JSON string per row) -> the metadata dict."""
+    first = np.asarray(values, dtype=object).ravel()
+    text = first[0] if first.size else None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        meta = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("preprocess"), dict):
+        raise ServingError(
+            f"TF Serving at {target}: {model_ref} answered '{METADATA_SIGNATURE}' without a metadata.json "
+            "holding 'preprocess'",
+            code="CLIENT",
+            target=target,
+        )
+    return meta
+
+
+def no_metadata_signature(target: str, model_ref: str, detail: str) -> ServingError:
+    return ServingError(
+        f"TF Serving at {target}: {model_ref} has no '{METADATA_SIGNATURE}' signature (exported by an "
+        f"older lumbar-tf?): pass the export's metadata.json ({one_line(detail, 120)})",
+        code="CLIENT",
+        target=target,
+    )

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from lumbar_tf.core.contract import DEFAULT_MODEL_NAME, SERVING_SIGNATURE
+from lumbar_tf.core.contract import (
+    DEFAULT_MODEL_NAME,
+    METADATA_INPUT,
+    METADATA_OUTPUT,
+    METADATA_SIGNATURE,
+    SERVING_SIGNATURE,
+)
 from lumbar_tf.core.errors import ServingError
 from lumbar_tf.runtime.serving.common import (
     MAX_MESSAGE_BYTES,
     MAX_RESPONSE_BYTES,
+    no_metadata_signature,
     one_line,
+    parse_served_metadata,
     prepare_views,
     retry,
 )
@@ -57,6 +65,11 @@ def ndarray_to_tensor_proto(arr: np.ndarray):
 def tensor_proto_to_ndarray(proto) -> np.ndarray:
     """``tensorflow.TensorProto`` -> numpy array (the subset of dtypes TF Serving returns for this model)."""
     tables = _dtype_tables()
+    from tensorflow.core.framework import types_pb2
+
+    if proto.dtype == types_pb2.DT_STRING:  # the metadata signature's JSON
+        shape = [d.size for d in proto.tensor_shape.dim]
+        return np.asarray(list(proto.string_val), dtype=object).reshape(shape)
     if proto.dtype not in tables:
         raise ServingError(
             f"TF Serving returned an unsupported tensor dtype (enum {proto.dtype})", code="CLIENT"
@@ -248,6 +261,31 @@ class GrpcClient:
         if response.model_spec.HasField("version"):
             self.last_version = int(response.model_spec.version.value)
         return {name: tensor_proto_to_ndarray(proto) for name, proto in response.outputs.items()}
+
+    def served_metadata(self) -> tuple[dict, int | None]:
+        """The served version's metadata.json (its ``metadata`` signature) and the version that
+        answered, so a caller can pin that version: its preprocessing is then the one it runs."""
+        request = self._predict_pb2.PredictRequest()
+        self._fill_spec(request.model_spec, signature=False)
+        request.model_spec.signature_name = METADATA_SIGNATURE
+        request.inputs[METADATA_INPUT].CopyFrom(ndarray_to_tensor_proto(np.zeros([1], np.float32)))
+        try:
+            response = self._call(self._stub.Predict, request, "metadata")
+        except ServingError as exc:
+            if exc.code == "FAILED_PRECONDITION" and "signature" in str(exc).lower():
+                raise no_metadata_signature(self.target, self._model_ref(), str(exc)) from None
+            raise
+        if METADATA_OUTPUT not in response.outputs:
+            raise parse_served_metadata([], self.target, self._model_ref())  # raises: no metadata
+        meta = parse_served_metadata(
+            tensor_proto_to_ndarray(response.outputs[METADATA_OUTPUT]), self.target, self._model_ref()
+        )
+        version = int(response.model_spec.version.value) if response.model_spec.HasField("version") else None
+        return meta, version
+
+    def pin(self, version: int) -> None:
+        """Call ``version`` from now on (not the label or the latest)."""
+        self.version, self.version_label = int(version), None
 
     def metadata(self) -> dict:
         """The served signatures as ``{signature: {"inputs": {name: {dtype, shape}}, "outputs": {...}}}``.

@@ -1,15 +1,19 @@
 """A predictor (`runtime.predictor`) that calls TF Serving, over gRPC or REST.
 
-    predictor = ServingPredictor(GrpcClient("tf-serving:8500"), metadata="export/metadata.json")
+    predictor = ServingPredictor(GrpcClient("tf-serving:8500"))
     result = predict_study(predictor, "test_images/44036939")
 
-The preprocessing parameters come from the export's metadata.json, so the client and the served
-model never disagree on view size or slice offsets.
+The preprocessing parameters, label semantics, prior and quality bounds come from the served model
+itself (its ``metadata`` signature, written by `lumbar-tf export`), and the client is then pinned to
+the version that answered, so a new version can never be called with an old version's
+preprocessing: build a new predictor to follow a new version. A local metadata.json is needed only
+for models exported before the signature existed; given both, they must agree.
 """
 
 from __future__ import annotations
 
 from lumbar_tf.core import labels
+from lumbar_tf.core.errors import ServingError
 from lumbar_tf.runtime.artifacts import load_export_metadata, preprocess_config_from_metadata
 
 
@@ -17,18 +21,44 @@ class ServingPredictor:
     """TF Serving as a predictor.
 
     Args:
-        client: a `serving.grpc.GrpcClient` or `serving.rest.RestClient` (``predict``, ``model_info``).
-        metadata: the export's metadata dict, or a path `artifacts.load_export_metadata` accepts.
+        client: a `serving.grpc.GrpcClient` or `serving.rest.RestClient` (``predict``,
+            ``served_metadata``, ``pin``, ``model_info``).
+        metadata: None (the default): ask the served model. Else the export's metadata dict, or a path
+            `artifacts.load_export_metadata` accepts, for a model without the ``metadata`` signature.
     """
 
-    def __init__(self, client, metadata):
+    def __init__(self, client, metadata=None):
         self.client = client
-        self.metadata = metadata if isinstance(metadata, dict) else load_export_metadata(metadata)
+        self.target = getattr(client, "target", "")
+        local = None
+        if metadata is not None:
+            local = metadata if isinstance(metadata, dict) else load_export_metadata(metadata)
+        served, version = self._ask_server(required=local is None)
+        if served is not None and local is not None and served["preprocess"] != local.get("preprocess"):
+            raise ServingError(
+                f"TF Serving at {self.target}: the served model's preprocessing differs from the local "
+                "metadata.json (another version?): drop --metadata to use the served one",
+                code="CLIENT",
+                target=self.target,
+            )
+        self.metadata = served if served is not None else local
+        self.metadata_source = "served model" if served is not None else "local metadata.json"
+        self.served_version = version
+        if served is not None and version is not None:
+            client.pin(version)
         self.preprocess = preprocess_config_from_metadata(self.metadata)
         self.label_semantics = labels.semantics_or_default(self.metadata.get("label_semantics"))
         self.fine_grades = self.label_semantics["fine_grades"]
         self.prior_threshold_probs = (self.metadata.get("prior") or {}).get("threshold_probs")
-        self.target = getattr(client, "target", "")
+        self.quality_bounds = self.metadata.get("quality_bounds")
+
+    def _ask_server(self, required: bool):
+        try:
+            return self.client.served_metadata()
+        except ServingError as exc:
+            if required or exc.code != "CLIENT" or "signature" not in str(exc):
+                raise
+            return None, None  # an older export: the local metadata.json stands in
 
     def predict_views(self, views: dict) -> dict:
         return self.client.predict(views)
@@ -36,7 +66,7 @@ class ServingPredictor:
     def model_info(self) -> dict:
         info = dict(self.client.model_info())
         if info.get("version") is None:
-            info["version"] = self.metadata.get("version")
+            info["version"] = self.served_version or self.metadata.get("version")
         return info
 
     def close(self) -> None:

@@ -20,9 +20,22 @@ import urllib.request
 
 import numpy as np
 
-from lumbar_tf.core.contract import DEFAULT_MODEL_NAME, SERVING_SIGNATURE
+from lumbar_tf.core.contract import (
+    DEFAULT_MODEL_NAME,
+    METADATA_INPUT,
+    METADATA_OUTPUT,
+    METADATA_SIGNATURE,
+    SERVING_SIGNATURE,
+)
 from lumbar_tf.core.errors import ServingError
-from lumbar_tf.runtime.serving.common import MAX_RESPONSE_BYTES, one_line, prepare_views, retry
+from lumbar_tf.runtime.serving.common import (
+    MAX_RESPONSE_BYTES,
+    no_metadata_signature,
+    one_line,
+    parse_served_metadata,
+    prepare_views,
+    retry,
+)
 
 MODEL_FORMAT = "saved_model"
 _CHUNK = 1 << 16
@@ -296,6 +309,35 @@ class RestClient:
         if not isinstance(outputs, dict):  # a signature with a single output is sent unnamed
             outputs = {"output_0": outputs}
         return {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
+
+    def served_version(self) -> int | None:
+        """The version that answers unpinned calls: the newest AVAILABLE one (``GET`` status)."""
+        states = (self.status() or {}).get("model_version_status") or []
+        available = [int(v["version"]) for v in states if v.get("state") == "AVAILABLE"]
+        return max(available) if available else None
+
+    def served_metadata(self) -> tuple[dict, int | None]:
+        """The served version's metadata.json (its ``metadata`` signature) and that version: REST
+        answers do not name their version, so the newest AVAILABLE one is asked for by number."""
+        version = self.version if self.version is not None else self.served_version()
+        url = f"{self.base_url}/v1/models/{self.model_name}"
+        url = url if version is None else f"{url}/versions/{version}"
+        body = json.dumps({"signature_name": METADATA_SIGNATURE, "inputs": {METADATA_INPUT: [0.0]}})
+        ref = self._model_ref() if version is None else f"model '{self.model_name}' version {version}"
+        try:
+            answer = self._call(f"{url}:predict", body.encode("utf-8"), "metadata")
+        except ServingError as exc:
+            if exc.code == "HTTP 400" and "signature key" in str(exc).lower():
+                raise no_metadata_signature(self.base_url, ref, str(exc)) from None
+            raise
+        outputs = answer.get("outputs") if isinstance(answer, dict) else None
+        if isinstance(outputs, dict):
+            outputs = outputs.get(METADATA_OUTPUT)
+        return parse_served_metadata(outputs if outputs is not None else [], self.base_url, ref), version
+
+    def pin(self, version: int) -> None:
+        """Call ``version`` from now on (not the latest)."""
+        self.version = int(version)
 
     def status(self) -> dict:
         """``GET /v1/models/<name>[/versions/<v>]``: the versions and their state (AVAILABLE, LOADING...)."""

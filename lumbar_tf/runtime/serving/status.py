@@ -4,12 +4,13 @@
 
 For readiness probes and roll-outs: exit 0 and the version that answers once a version is
 AVAILABLE (its warm-up requests have run); exit 1 with one line while none is (LOADING, UNLOADING,
-or the server cannot be reached).
+or the server cannot be reached). It also says whether the version serves its own preprocessing
+(the ``metadata`` signature that `ServingPredictor` reads) and what that preprocessing is.
 """
 
 from __future__ import annotations
 
-from lumbar_tf.core.contract import OUTPUT_NAMES, SERVING_SIGNATURE
+from lumbar_tf.core.contract import METADATA_SIGNATURE, OUTPUT_NAMES, SERVING_SIGNATURE
 from lumbar_tf.core.errors import ServingError
 
 
@@ -50,18 +51,39 @@ def serving_status(client) -> dict:
             code="CLIENT",
             target=client.target,
         )
+    served = None
+    if METADATA_SIGNATURE in metadata["signatures"]:
+        meta, version = client.served_metadata()
+        cfg = meta["preprocess"]
+        served = {
+            "version": version,
+            "views": [v.get("name") for v in cfg.get("views") or []],
+            "view_size": cfg.get("view_size"),
+            "quality_bounds": (meta.get("quality_bounds") or {}).get("source"),
+        }
     return {
         "model": client.model_name,
         "versions": versions,
         "serving": metadata["model_version"] or max(available),
         "signature": signature,
+        "metadata": served,
     }
 
 
 def status_lines(status: dict) -> list[str]:
     states = ", ".join(f"{v['version']} {v['state']}" for v in status["versions"])
     inputs = ", ".join(status["signature"]["inputs"])
+    served = status.get("metadata")
+    if served:
+        meta_line = (
+            f"  {METADATA_SIGNATURE}: preprocessing served by version {served['version']} "
+            f"({', '.join(served['views'])} at {served['view_size']} px; quality bounds: "
+            f"{served['quality_bounds'] or 'fallback'})"
+        )
+    else:
+        meta_line = f"  {METADATA_SIGNATURE}: not served (older export): clients need its metadata.json"
     return [
         f"{status['model']}: serving version {status['serving']} (versions: {states})",
         f"  {SERVING_SIGNATURE}: {inputs} -> {', '.join(status['signature']['outputs'])}",
+        meta_line,
     ]
