@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
-        "calibrate", help="fit temperature scaling on the validation fold, store it in the model"
+        "calibrate", help="fit calibration (T, b per group) on the validation fold, store it in the model"
     )
     p.add_argument("--model", required=True, type=Path, help="run folder")
     p.add_argument("--data", required=True, type=Path, help="the run's training data")
