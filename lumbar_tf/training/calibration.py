@@ -92,8 +92,8 @@ def expected_calibration_error(threshold_probs, grades, n_bins: int = N_BINS) ->
 # === Fitting: temperature + bias per group, never worse than identity out of fold ===
 
 # The parameter grid per group: log T and b, both symmetric so that the identity (0, 0) is a point.
-_LOG_T = np.arange(-20, 21) * (np.log(5.0) / 20)  # T from 1/5 to 5
-_BIAS = np.arange(-20, 21) * 0.15
+_LOG_T = np.arange(-15, 16) * (np.log(5.0) / 15)  # T from 1/5 to 5
+_BIAS = np.arange(-15, 16) * 0.2
 _GRID_LOG_T, _GRID_BIAS = (a.ravel() for a in np.meshgrid(_LOG_T, _BIAS, indexing="ij"))
 _IDENTITY = int(np.flatnonzero((_GRID_LOG_T == 0) & (_GRID_BIAS == 0))[0])
 # Candidate fits, chosen by cross-validation inside the validation fold: the family and the strength
