@@ -1,5 +1,6 @@
-"""Temperature scaling: stored in the model, monotone, applied by every runtime, and it lowers the
-expected calibration error on held-out phantoms without raising the RSNA loss beyond noise."""
+"""Calibration: stored in the model, monotone, applied by every runtime; on held-out phantoms it
+lowers the expected calibration error of a miscalibrated model and never raises the RSNA loss by
+more than noise (twice the paired bootstrap standard error over the held-out studies)."""
 
 from __future__ import annotations
 
@@ -12,39 +13,79 @@ import pytest
 from lumbar_tf.models.calibration import (
     CALIBRATION_LAYER,
     ThresholdTemperature,
+    apply_numpy,
     calibrated_grader,
-    temperatures_of,
+    calibration_of,
     uncalibrated_grader,
 )
 from lumbar_tf.training import calibration as cal
 
+NOISE_Z = 2.0  # a change within two bootstrap standard errors is noise
 
-def test_layer_keeps_thresholds_monotone_and_round_trips(tmp_path):
-    logits = np.sort(np.random.default_rng(0).normal(0, 4, size=(7, 5, 3)), axis=-1)[..., ::-1].copy()
-    layer = ThresholdTemperature((0.5, 2.0, 3.0))
-    out = np.asarray(layer(logits.astype(np.float32)))
+
+def test_layer_keeps_thresholds_monotone_and_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = np.sort(rng.normal(0, 4, size=(7, 5, 3)), axis=-1)[..., ::-1].copy()
+    temperatures = [[0.5, 2.0, 2.0], [1.0, 0.7, 0.7], [3.0, 1.0, 1.0]]
+    biases = [[-2.0, 1.0, 1.0], [0.0, -0.5, -0.5], [1.0, 0.0, 0.0]]  # >=1 pushed below >=2 in places
+    out = np.asarray(ThresholdTemperature(temperatures, biases)(logits.astype(np.float32)))
     assert np.all(np.diff(out, axis=-1) <= 1e-6)  # logit(>=1) >= logit(>=2) >= logit(>=3)
-    np.testing.assert_allclose(out[:, 0], logits[:, 0] / 0.5, rtol=1e-5)
-    np.testing.assert_allclose(out[:, 1:3], logits[:, 1:3] / 2.0, rtol=1e-5)
-    np.testing.assert_allclose(out[:, 3:], logits[:, 3:] / 3.0, rtol=1e-5)
+    np.testing.assert_allclose(out[:, 0, 1:], logits[:, 0, 1:] / 2.0 + 1.0, rtol=1e-5)  # >=2/>=3 untouched
+    probs = 1 / (1 + np.exp(-logits[:, :, None]))  # [N, 5, 1 level, 3]
+    np.testing.assert_allclose(
+        apply_numpy(probs, temperatures, biases)[:, :, 0], 1 / (1 + np.exp(-out)), atol=1e-5
+    )
+    per_group = ThresholdTemperature((0.5, 2.0, 3.0))  # the older one-temperature-per-group form
+    assert per_group.temperatures[2] == [3.0] * 3 and per_group.biases[0] == [0.0] * 3
     with pytest.raises(ValueError):
         ThresholdTemperature((1.0, 0.0, 1.0))
 
 
-def test_fit_recovers_an_overconfident_temperature():
-    rng = np.random.default_rng(1)
-    n = 400
-    true_logits = rng.normal(0, 1.5, size=(n, 5, 5, 1)) + np.array([1.0, -0.5, -2.0])
-    true_logits = np.sort(true_logits, axis=-1)[..., ::-1]
+def _ordinal_sample(n, rng):
+    true_logits = np.sort(rng.normal(0, 1.5, size=(n, 5, 5, 1)) + np.array([1.0, -0.5, -2.0]), axis=-1)
+    true_logits = true_logits[..., ::-1]
     # One draw per cell against the three monotone thresholds: grade = thresholds passed.
-    grades = (rng.uniform(size=(n, 5, 5, 1)) < cal._sigmoid(true_logits)).sum(axis=-1)
+    return true_logits, (rng.uniform(size=(n, 5, 5, 1)) < cal._sigmoid(true_logits)).sum(axis=-1)
+
+
+def test_fit_recovers_an_overconfident_temperature_and_keeps_a_calibrated_model():
+    rng = np.random.default_rng(1)
+    true_logits, grades = _ordinal_sample(150, rng)
     overconfident = cal._sigmoid(true_logits * 2.5)
-    temps = cal.fit_temperatures(overconfident, grades)
-    assert all(2.0 < t < 3.1 for t in temps), temps
-    after = cal.rescale(overconfident, temps)
+    fitted = cal.fit_calibration(overconfident, grades)
+    temps = [fitted[g][part]["temperature"] for g in fitted for part in fitted[g]]
+    assert all(2.0 < t < 3.2 for t in temps), fitted
+    after = cal.rescale(overconfident, *cal.calibration_table(fitted))
     assert cal.expected_calibration_error(after, grades) < 0.5 * cal.expected_calibration_error(
         overconfident, grades
     )
+    # Already calibrated: a map is kept only where it beat the identity out of fold, RSNA terms included.
+    true_logits, grades = _ordinal_sample(12, rng)
+    fitted = cal.fit_calibration(cal._sigmoid(true_logits), grades)
+    for fit in (f for g in fitted.values() for f in g.values()):
+        (nll_identity, nll), (rsna_identity, rsna) = fit["out_of_fold"].values()
+        moved = fit["family"] != "identity"
+        assert (nll < nll_identity and rsna <= rsna_identity + 1e-9) if moved else nll == nll_identity
+        assert moved or (fit["temperature"], fit["bias"]) == (1.0, 0.0)
+    one_study = cal.fit_calibration(cal._sigmoid(true_logits[:1]), grades[:1])
+    assert all(f["family"] == "identity" for g in one_study.values() for f in g.values())
+
+
+def test_paired_bootstrap_se_is_zero_for_no_change_and_grows_with_one():
+    rng = np.random.default_rng(2)
+    true_logits, grades = _ordinal_sample(20, rng)
+    probs = cal._sigmoid(true_logits)
+    assert cal.paired_bootstrap_se(probs, probs, grades) == 0.0
+    assert cal.paired_bootstrap_se(probs, cal._sigmoid(true_logits * 3), grades) > 0.0
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Eight phantoms the tiny run never saw (the suite's acquisition), and one cache for them."""
+    from lumbar_tf.synthetic.phantom import synthesize_dataset
+
+    data = synthesize_dataset(tmp_path_factory.mktemp("held_out"), 8, seed=2026, acquisition="centred")
+    return data, tmp_path_factory.mktemp("held_out_cache")
 
 
 @pytest.fixture(scope="module")
@@ -55,52 +96,102 @@ def calibrated_run(tiny_run, phantom_cache, tmp_path_factory):
     return run, record
 
 
-def test_calibrate_stores_temperatures_in_the_grader(calibrated_run, tiny_run):
+@pytest.fixture(scope="module")
+def overconfident_run(tiny_run, phantom_cache, tmp_path_factory):
+    """The tiny run with its logits multiplied by 4 inside the grader (a layer calibration does not
+    own, so it counts as the model): a badly overconfident model, then calibrated."""
+    from lumbar_tf.core.contract import MODEL_FILE
+    from lumbar_tf.models.end_to_end import build_end_to_end, fine_grades_of
+    from lumbar_tf.runtime.keras_model import load_model
+
+    run = tmp_path_factory.mktemp("overconfident") / "run"
+    shutil.copytree(tiny_run, run)
+    loaded = load_model(run)
+    grader = loaded.model.get_layer("grader")
+    sharpen = ThresholdTemperature((0.25, 0.25, 0.25), name="threshold_logits_overconfident")
+    import keras
+
+    distorted = keras.Model(grader.input, sharpen(grader.output), name="grader")
+    model = build_end_to_end(
+        loaded.model.get_layer("localizer"),
+        distorted,
+        loaded.preprocess,
+        fine_grades=fine_grades_of(loaded.model),
+    )
+    model.save(run / MODEL_FILE)
+    record = cal.calibrate_run(run, None, cache_dir=phantom_cache)
+    return run, record
+
+
+def test_calibrate_stores_the_maps_in_the_grader(calibrated_run):
     from lumbar_tf.runtime.keras_model import load_model
 
     run, record = calibrated_run
     assert json.loads((run / cal.CALIBRATION_FILE).read_text())["temperatures"] == record["temperatures"]
     assert (run / cal.RELIABILITY_FILE).stat().st_size > 0
     assert (run / cal.UNCALIBRATED_MODEL_FILE).exists()
-    model = load_model(run).model
-    grader = model.get_layer("grader")
-    temps = temperatures_of(grader)
-    assert temps == pytest.approx(tuple(record["temperatures"].values()))
-    assert temperatures_of(uncalibrated_grader(grader)) is None
-    assert calibrated_grader(grader, (1, 1, 1)).get_layer(CALIBRATION_LAYER).temperatures == [1.0] * 3
-    # Fitted on the validation fold: never worse there than before.
-    assert record["threshold_log_loss"] <= record["uncalibrated"]["threshold_log_loss"] + 1e-9
+    grader = load_model(run).model.get_layer("grader")
+    temperatures, biases = calibration_of(grader)
+    assert temperatures == [pytest.approx(record["temperatures"][g]) for g in record["temperatures"]]
+    assert biases == [pytest.approx(record["biases"][g]) for g in record["biases"]]
+    assert calibration_of(uncalibrated_grader(grader)) is None
+    assert calibrated_grader(grader, (1, 1, 1)).get_layer(CALIBRATION_LAYER).temperatures == [[1.0] * 3] * 3
+    # Fitted on the validation fold under the constraint: its RSNA loss never rises there.
+    assert record["rsna_log_loss"] <= record["uncalibrated"]["rsna_log_loss"] + 1e-9
 
 
-def test_every_runtime_path_applies_the_temperatures(calibrated_run, tiny_run, phantom_dir):
+def test_every_runtime_path_applies_the_calibration(calibrated_run, overconfident_run, tiny_run, phantom_dir):
     from lumbar_tf.runtime.artifacts import load_predictor
     from lumbar_tf.runtime.predictor import predict_study
 
-    run, record = calibrated_run
+    run, record = overconfident_run
     study = sorted((phantom_dir / "train_images").iterdir())[0]
-    before = predict_study(load_predictor(tiny_run), study).threshold_probs
+    base = predict_study(load_predictor(tiny_run), study).threshold_probs
+    before = cal._sigmoid(cal._logit(base) * 4)  # the overconfident model, uncalibrated
     after = predict_study(load_predictor(run), study).threshold_probs
-    expected = cal.rescale(before[None], list(record["temperatures"].values()))[0]
-    np.testing.assert_allclose(after, expected, atol=1e-5)
+    table = list(record["temperatures"].values()), list(record["biases"].values())
+    np.testing.assert_allclose(after, cal.rescale(before[None], *table)[0], atol=2e-4)
     assert np.all(np.diff(after, axis=-1) <= 1e-6)
+    assert not np.allclose(after, before, atol=1e-3)  # calibration did something here
 
 
-def test_calibration_lowers_ece_on_held_out_phantoms(calibrated_run, tmp_path_factory):
-    from lumbar_tf.synthetic.phantom import synthesize_dataset
+def test_calibration_lowers_ece_and_not_the_rsna_loss_on_held_out_phantoms(
+    overconfident_run, held_out, tmp_path_factory
+):
+    run, record = overconfident_run
     from lumbar_tf.training.evaluate import evaluate
 
-    run, _ = calibrated_run
-    # Held out from the distribution the tiny run trained on (the suite's centred phantoms).
-    held_out = synthesize_dataset(tmp_path_factory.mktemp("held_out"), 8, seed=2026, acquisition="centred")
-    metrics = evaluate(run, held_out, tmp_path_factory.mktemp("eval"))
+    data, cache = held_out
+    metrics = evaluate(run, data, tmp_path_factory.mktemp("eval"), cache_dir=cache)
     report = metrics["calibration"]
-    before, after = report["uncalibrated"], report
-    assert after["expected_calibration_error"] < before["expected_calibration_error"]
-    # Not asserted: that the RSNA loss never rises. Temperatures fitted on the tiny run's 3
-    # validation studies raise it on held-out phantoms (0.895 -> 0.920 here; 0.788 -> 0.921 on a
-    # 40-study run): an open problem of issue 13, reported in the README, not hidden by a tolerance.
-    assert np.isfinite(after["rsna_log_loss"]) and np.isfinite(before["rsna_log_loss"])
-    assert metrics["rsna_log_loss"]["total"] == pytest.approx(after["rsna_log_loss"])
+    before = report["uncalibrated"]
+    assert report["expected_calibration_error"] < before["expected_calibration_error"]
+    assert report["threshold_log_loss"] < before["threshold_log_loss"]
+    assert report["rsna_log_loss_change"] <= NOISE_Z * report["rsna_log_loss_change_se"]
+    assert metrics["rsna_log_loss"]["total"] == pytest.approx(report["rsna_log_loss"])
+
+
+def test_calibrating_the_plain_tiny_run_does_not_raise_the_held_out_rsna_loss(
+    calibrated_run, tiny_run, held_out
+):
+    # Its 3 validation studies are too few to show that any map beats the identity out of fold
+    # for >=2/>=3 (the RSNA triple); what it keeps or fits must not cost on held-out studies.
+    from lumbar_tf.data.dataset import DatasetError, load_manifest, load_studies, prepare_cache
+    from lumbar_tf.runtime.keras_model import load_model
+
+    run, _ = calibrated_run
+    after_model, before_model = load_model(run), load_model(tiny_run)
+    data, cache = held_out
+    try:
+        manifest = load_manifest(cache, after_model.preprocess)
+    except DatasetError:
+        manifest = prepare_cache(data, cache, after_model.preprocess, progress=False)
+    studies = load_studies(cache, after_model.preprocess, list(manifest["study_ids"]))
+    after = after_model.predict_views(studies["views"])["threshold_probs"]
+    before = before_model.predict_views(studies["views"])["threshold_probs"]
+    report = cal.calibration_report(after, studies["grades"], before)
+    assert np.isfinite(report["rsna_log_loss_change_se"])
+    assert report["rsna_log_loss_change"] <= NOISE_Z * report["rsna_log_loss_change_se"]
 
 
 def test_a_calibrated_run_loads_in_a_fresh_process(calibrated_run):
@@ -110,9 +201,9 @@ def test_a_calibrated_run_loads_in_a_fresh_process(calibrated_run):
     run, record = calibrated_run
     code = (
         "import sys; from lumbar_tf.runtime.keras_model import load_model; "
-        "from lumbar_tf.models.calibration import temperatures_of; "
-        "print(temperatures_of(load_model(sys.argv[1]).model.get_layer('grader')))"
+        "from lumbar_tf.models.calibration import calibration_of; "
+        "print(calibration_of(load_model(sys.argv[1]).model.get_layer('grader'))[0])"
     )
     out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert eval(out.stdout.strip()) == pytest.approx(tuple(record["temperatures"].values()))
+    assert eval(out.stdout.strip()) == [pytest.approx(t) for t in record["temperatures"].values()]

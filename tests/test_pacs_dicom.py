@@ -45,7 +45,10 @@ def _source_headers(study_dir):
 def test_sr_reads_back_to_predictions_json(predicted, study_dir):
     preds = json.loads((predicted / "ident" / "predictions.json").read_text())
     back = sr_module.read_sr(pydicom.dcmread(predicted / "ident" / "dicom" / SR_FILE))
-    assert back["model"] == {"name": str(preds["model"]["name"]), "version": str(preds["model"]["version"])}
+    assert back["model"] == {
+        "name": str(preds["model"]["name"]),
+        "version": sr_module.model_version(preds["model"]),
+    }
     assert back["intended_use"] == INTENDED_USE
     assert len(back["cells"]) == 25
     for cell in preds["cells"]:
@@ -123,3 +126,31 @@ def test_dciodvfy_and_dcmtk_accept_the_files(predicted, name):
 def test_dicom_out_needs_one_study(tmp_path):
     assert main(["predict", "--model", str(tmp_path), "--data", str(tmp_path), "--dicom-out", "x"]) == 2
     assert main(["predict", "--model", str(tmp_path), "--study", str(tmp_path), "--deidentify"]) == 2
+
+
+def test_a_keras_run_is_named_dev_in_sr_overlay_and_node_key(
+    predicted, tiny_run, study_dir, monkeypatch, tmp_path
+):
+    from lumbar_tf.pacs import results
+    from lumbar_tf.pacs.node import NodeConfig, PacsNode
+    from lumbar_tf.runtime.artifacts import load_predictor
+    from lumbar_tf.runtime.predictor import predict_study
+
+    preds = json.loads((predicted / "ident" / "predictions.json").read_text())
+    assert preds["model"]["version"] is None  # a Keras run has no exported version
+    sr = pydicom.dcmread(predicted / "ident" / "dicom" / SR_FILE)
+    assert sr.SeriesDescription == f"lumbar-tf {preds['model']['name']} v{sr_module.DEV_VERSION} SR"
+    assert sr_module.read_sr(sr)["model"]["version"] == sr_module.DEV_VERSION
+    assert "None" not in str(sr.SeriesDescription) + str(sr_module.read_sr(sr)["model"])
+
+    predictor = load_predictor(tiny_run)
+    drawn = []
+    overlay_rgb = results.sc_overlay.overlay_rgb
+    monkeypatch.setattr(
+        results.sc_overlay, "overlay_rgb", lambda p, image: drawn.append(p["model"]) or overlay_rgb(p, image)
+    )
+    results.build_dicom_results(predict_study(predictor, study_dir))
+    assert drawn and drawn[0]["version"] == sr_module.DEV_VERSION  # the overlay's burned-in model line
+
+    node = PacsNode(predictor, NodeConfig(work_dir=tmp_path))
+    assert node.model_key == f"{preds['model']['name']}@{sr_module.DEV_VERSION}"

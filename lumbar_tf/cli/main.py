@@ -108,9 +108,11 @@ def cmd_calibrate(args) -> int:
 
     record = calibrate_run(args.model, args.data, cache_dir=args.cache)
     before, after = record["uncalibrated"], record
-    temps = ", ".join(f"{group} {t:.2f}" for group, t in record["temperatures"].items())
-    print(f"temperatures: {temps} ({record['fitted_on']})")
-    for key in ("expected_calibration_error", "rsna_log_loss"):
+    print(f"fitted on {record['fitted_on']}; T, b of >=2,>=3 | >=1 (identity unless it helped out of fold):")
+    for group, fits in record["groups"].items():
+        maps = [f"T {f['temperature']:.2f} b {f['bias']:+.2f}" for f in fits.values()]
+        print(f"  {group}: " + " | ".join(maps))
+    for key in ("expected_calibration_error", "threshold_log_loss", "rsna_log_loss"):
         print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
     print(f"stored in {Path(args.model) / 'model.keras'}")
     return 0
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
-        "calibrate", help="fit temperature scaling on the validation fold, store it in the model"
+        "calibrate", help="fit calibration (T, b per group) on the validation fold, store it in the model"
     )
     p.add_argument("--model", required=True, type=Path, help="run folder")
     p.add_argument("--data", required=True, type=Path, help="the run's training data")

@@ -41,7 +41,7 @@ from pydicom.dataset import Dataset
 from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.core.errors import BadInputError, LumbarError, one_line
 from lumbar_tf.core.io import write_bytes_atomic, write_json_atomic
-from lumbar_tf.pacs.sr import result_series_description
+from lumbar_tf.pacs.sr import model_label, result_series_description
 
 log = logging.getLogger("lumbar_tf.pacs")
 
@@ -138,7 +138,7 @@ class PacsNode:
         self.work = Path(config.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.model = predictor.model_info()
-        self.model_key = f"{self.model['name']}@{self.model['version']}"
+        self.model_key = "@".join(model_label({"model": self.model}))
         self.state = NodeState(self.work / STATE_FILE, self.model_key)
         self.client = client
         if self.client is None and config.dicomweb_url:

@@ -41,7 +41,9 @@ def build_dicom_results(result, *, deidentify: bool = False) -> dict[str, Datase
     if series is None:
         raise DicomError(result.study.path, "no midline sagittal slice holds the level positions; no SR")
     headers = src.series_headers(series)
-    predictions = result.predictions
+    model = result.predictions.get("model") or {}
+    # A Keras run has no exported version: the SR and the overlay both name it `sr.DEV_VERSION`.
+    predictions = {**result.predictions, "model": {**model, "version": sr_module.model_version(model)}}
     if deidentify:
         headers = {n: src.deidentified(ds) for n, ds in headers.items()}
         predictions = copy.deepcopy(predictions)

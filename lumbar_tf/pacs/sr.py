@@ -28,6 +28,8 @@ SCHEME = "99LUMBARTF"
 SCHEME_NAME = "lumbar-tf local codes"
 MANUFACTURER = "lumbar-tf"
 SR_SERIES_NUMBER = 9901
+# The version of a model that has no exported one (a Keras run folder or .keras file).
+DEV_VERSION = "dev"
 
 _GRADE_CODES = (codes.SCT.Absent, codes.SCT.Mild, codes.SCT.Moderate, codes.SCT.Severe)
 # The disc below each lumbar vertebra (SNOMED CT), meaning without the "(body structure)" suffix that
@@ -64,13 +66,21 @@ def probability_code(condition: str, grade: int) -> CodedConcept:
 def result_series_description(model: dict) -> str:
     """The SR series' description, naming model and version: how a PACS node recognises a study
     that this model version has graded already."""
-    return f"lumbar-tf {model.get('name', '')} v{model.get('version', '')} SR"[:64]
+    name, version = model_label({"model": model})
+    return f"lumbar-tf {name} v{version} SR"[:64]
+
+
+def model_version(model: dict) -> str:
+    """The version a result names: the exported version, or ``DEV_VERSION`` for a model that has
+    none (a Keras run), so no SR, overlay or node key reads ``vNone``."""
+    version = model.get("version")
+    return DEV_VERSION if version in (None, "") else str(version)
 
 
 def model_label(predictions: dict) -> tuple[str, str]:
     """``(name, version)`` of the model behind a predictions dict, as text."""
     model = predictions.get("model") or {}
-    return str(model.get("name", "")), str(model.get("version", ""))
+    return str(model.get("name", "")), model_version(model)
 
 
 def _algorithm(predictions: dict) -> hd.sr.AlgorithmIdentification:

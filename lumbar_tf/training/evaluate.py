@@ -83,7 +83,9 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     metrics["intended_use"] = INTENDED_USE
     from lumbar_tf.training.calibration import evaluate_calibration
 
-    metrics["calibration"] = evaluate_calibration(loaded, outputs["threshold_probs"], studies["grades"], out)
+    metrics["calibration"] = evaluate_calibration(
+        loaded, studies["views"], outputs["threshold_probs"], studies["grades"], out
+    )
     write_json_atomic(out / "metrics.json", metrics)
     _plots(outputs["threshold_probs"], studies["grades"], out, loaded.run_dir)
     return metrics
