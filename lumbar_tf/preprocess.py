@@ -233,16 +233,18 @@ BEND_LAG_MM = 35.0
 # point. Measured on the realistic phantoms (seed 31, 37 studies): 37-45 mm, median 40.
 SAC_TAIL_MM = 40.0
 # Where the sac runs off the field's lower edge, L5/S1 lies between SAC_TAIL_MM and the 15 mm
-# planning margin above that edge (measured 14-33 mm): this far.
-SAC_CUT_MM = 25.0
+# planning margin above that edge (measured 14-33 mm, median 21): this far.
+SAC_CUT_MM = 21.0
 # The canal is traced at FINE_MM; its end is the lowest row where the CSF signal (at least
-# SAC_BRIGHT of the trace's 90th percentile over SAC_WINDOW_MM above) falls to SAC_STEP of it below.
+# SAC_BRIGHT of the trace's 90th percentile over SAC_REFERENCE_MM above, median over SAC_WINDOW_MM)
+# falls to SAC_STEP of it below and stays there.
 FINE_MM = 1.0
 # The canal is searched this far either side of the periodic column (which may follow the bodies or
 # the spinous processes), widening by CANAL_TILT per mm below its end (the sacrum tilts back).
 CANAL_REACH_MM = 40.0
 CANAL_TILT = 0.4
 SAC_WINDOW_MM = 15.0
+SAC_REFERENCE_MM = 100.0
 SAC_BRIGHT = 0.8
 SAC_STEP = 0.9
 # Half-range of the midline search about the stack centre, and the mirror distances compared.
@@ -470,25 +472,41 @@ def _sac_end(
     valid[:top] = False
     if valid.sum() < 4 * SAC_WINDOW_MM / FINE_MM:
         return None
-    bottom = int(np.flatnonzero(valid).max())
     path = _canal_trace(img, column_px, valid)
+    # Rows where the canal is inside the acquired field (a rotated field's corners are not).
+    field = cv2.warpAffine(
+        np.ones((series.slices[index].rows, series.slices[index].cols), np.float32),
+        view_to_slice_affine(series, index, grid),
+        (grid.size, grid.size),
+        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
+    valid &= field[np.arange(grid.size), path] > 0.5
+    if valid.sum() < 4 * SAC_WINDOW_MM / FINE_MM:
+        return None
+    bottom = int(np.flatnonzero(valid).max())
     signal = cv2.blur(img, (5, 1))[np.arange(grid.size), path]
     signal = cv2.GaussianBlur(signal.astype(np.float32)[:, None], (1, 0), 2.0 / FINE_MM)[:, 0]
-    bright = SAC_BRIGHT * np.percentile(signal[valid], 90)
     w = int(round(SAC_WINDOW_MM / FINE_MM))
-    tail = SAC_TAIL_MM / FINE_MM
+    tail, reference = SAC_TAIL_MM / FINE_MM, int(round(SAC_REFERENCE_MM / FINE_MM))
+    skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
     # L5/S1 is at least L5S1_MIN_BELOW_MM below the field centre: a step above that is no sac end.
     highest = grid.patient_yz_to_view_px(field_centre)[1] + L5S1_MIN_BELOW_MM / FINE_MM
     row = bottom - SAC_CUT_MM / FINE_MM  # the sac runs off the field
     for r in range(bottom - 3, top + w, -1):
+        if r - tail < highest:
+            break
         up = float(np.median(signal[r - w : r]))
-        down = float(np.median(signal[r + 1 : min(r + 1 + w, bottom + 1)]))
-        after = signal[r + 1 : bottom + 1]
+        after = signal[r + 1 : min(r + 1 + 3 * w, bottom + 1)]
+        low = float(after[:w].min())
         if (
-            up >= bright
-            and down <= SAC_STEP * up
-            and np.percentile(after, 75) <= SAC_STEP * up  # not a narrowing: the CSF does not come back
-            and r - tail >= highest
+            # CSF as bright as the canal above (relative: the bias field varies along the spine) ...
+            up >= SAC_BRIGHT * np.percentile(signal[max(top, r - reference) : r], 90)
+            # ... falling to SAC_STEP of it ...
+            and float(np.median(after[min(skip, after.size // 2) :][:w])) <= SAC_STEP * up
+            # ... for good: after a narrowing at a disc the CSF comes back.
+            and float(after[w // 2 :].max(initial=low)) - low < 0.5 * (up - low)
         ):
             row = r - tail
             break
