@@ -217,7 +217,8 @@ L5S1_EDGE_MM = 15.0
 # L1/L2..L5/S1 span about twice this (the grid centre is this far above L5/S1, on the trace).
 LEVELS_HALF_SPAN_MM = 62.0
 # A column counts as found when its band-pass share (periodic energy / all vertical variation) is
-# at least this along the trace, over at least this length; noise gives ~0.3, a spine 0.5-0.8.
+# at least this along the trace, over at least this length; noise gives ~0.3, a spine 0.5-0.8 (60 mm,
+# was 100: 3 of 40 realistic spines gave 68-94 mm runs broken by gaps, the grid fell to the field).
 MIN_PERIODICITY = 0.45
 MIN_COLUMN_MM = 60.0
 # The sacrum leaves the lumbar column tilted back from vertical by 30-60 degrees: where the trace
@@ -524,7 +525,9 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
     2. Midline: the plane about which those slices are most symmetric near the column
        (`_mirror_midline`), searched +-12 mm about the stack centre; the column is re-traced on
        the slice nearest to it.
-    3. L5/S1 from the sacrum: where the trace bends back into the sacrum (`_sacral_bend`); else
+    3. L5/S1 from the sacrum: on T2/STIR, SAC_TAIL_MM above the end of the bright dural sac (S2) on
+       the canal traced at FINE_MM (`_sac_end`; SAC_CUT_MM above the field's edge where the sac runs
+       off it). On T1 (dark CSF): where the trace bends back into the sacrum (`_sacral_bend`); else
        SACRAL_TAIL_MM above the end of the periodic column; else (the column runs off the field)
        halfway between the places of a centred and a low field. The grid centre is
        LEVELS_HALF_SPAN_MM above L5/S1 on the trace, kept inside the field where the field is
