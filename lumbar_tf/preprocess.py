@@ -231,7 +231,7 @@ SACRAL_BEND_MM = 30.0
 BEND_LAG_MM = 35.0
 # L5/S1 from the sacrum on T2/STIR (`_sac_end`): the dural sac (bright CSF) ends at S2, so its end
 # lies one S1 body (~27 mm), the fused S1/S2 disc and half the L5/S1 disc below the L5/S1 canal
-# point. Measured on the realistic phantoms (seed 31, 37 studies): 37-45 mm, median 40.
+# point, measured along the canal (realistic phantoms, seed 31: 37-45 mm head-feet, median 40).
 SAC_TAIL_MM = 40.0
 # Where the sac runs off the field's lower edge, L5/S1 lies between SAC_TAIL_MM and the 15 mm
 # planning margin above that edge (measured 14-33 mm, median 21): this far.
@@ -490,13 +490,17 @@ def _sac_end(
     signal = cv2.blur(img, (5, 1))[np.arange(grid.size), path]
     signal = cv2.GaussianBlur(signal.astype(np.float32)[:, None], (1, 0), 2.0 / FINE_MM)[:, 0]
     w = int(round(SAC_WINDOW_MM / FINE_MM))
-    tail, reference = SAC_TAIL_MM / FINE_MM, int(round(SAC_REFERENCE_MM / FINE_MM))
+    reference = int(round(SAC_REFERENCE_MM / FINE_MM))
     skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
     # L5/S1 is at least L5S1_MIN_BELOW_MM below the field centre: a step above that is no sac end.
     highest = grid.patient_yz_to_view_px(field_centre)[1] + L5S1_MIN_BELOW_MM / FINE_MM
     row = bottom - SAC_CUT_MM / FINE_MM  # the sac runs off the field
+    # Arc length along the (smoothed) canal per row: a tilted sacrum drops less than its length.
+    smooth = cv2.GaussianBlur(path.astype(np.float32)[:, None], (1, 0), 3.0 / FINE_MM)[:, 0]
+    arc = np.concatenate([[0.0], np.cumsum(np.hypot(1.0, np.diff(smooth)))]) * FINE_MM
     for r in range(bottom - 3, top + w, -1):
-        if r - tail < highest:
+        above = float(np.interp(arc[r] - SAC_TAIL_MM, arc, np.arange(arc.size)))  # SAC_TAIL_MM up the canal
+        if above < highest:
             break
         up = float(np.median(signal[r - w : r]))
         after = signal[r + 1 : min(r + 1 + 3 * w, bottom + 1)]
@@ -509,7 +513,7 @@ def _sac_end(
             # ... for good: after a narrowing at a disc the CSF comes back.
             and float(after[w // 2 :].max(initial=low)) - low < 0.5 * (up - low)
         ):
-            row = r - tail
+            row = above
             break
     r = int(np.clip(round(row), 0, grid.size - 1))
     return grid.view_px_to_patient_yz([float(path[r]), float(row)])

@@ -90,6 +90,7 @@ def test_field_placement_from_the_labelled_canal_points(realistic_dir, tmp_path)
     assert 0.0 < LOW_FIELD_SHARE < 0.5
 
 
+@pytest.mark.slow  # evaluate() with its plots: ~8 s on the shared cores
 def test_evaluate_reports_metrics_by_field_placement(tiny_run, phantom_dir, phantom_cache, tmp_path):
     """The tiny run's studies (centred phantoms), four of them relabelled as lying low in the field
     (only the placement reads the edited coordinates; the views come from the run's cache)."""
