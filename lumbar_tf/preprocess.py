@@ -246,6 +246,8 @@ CANAL_REACH_MM = 40.0
 CANAL_TILT = 0.4
 SAC_WINDOW_MM = 15.0
 SAC_REFERENCE_MM = 100.0
+SAC_BOUND_SLACK_MM = 25.0
+SAC_STRONG_STEP = 0.6
 SAC_BRIGHT = 0.8
 SAC_STEP = 0.9
 # Half-range of the midline search about the stack centre, and the mirror distances compared.
@@ -492,7 +494,8 @@ def _sac_end(
     w = int(round(SAC_WINDOW_MM / FINE_MM))
     reference = int(round(SAC_REFERENCE_MM / FINE_MM))
     skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
-    # L5/S1 is at least L5S1_MIN_BELOW_MM below the field centre: a step above that is no sac end.
+    # L5/S1 is at least L5S1_MIN_BELOW_MM below the field centre: a sac end much above that is none;
+    # one a little above it with a clear drop (a small spine-centred field) puts L5/S1 on the bound.
     highest = grid.patient_yz_to_view_px(field_centre)[1] + L5S1_MIN_BELOW_MM / FINE_MM
     row = bottom - SAC_CUT_MM / FINE_MM  # the sac runs off the field
     # Arc length along the (smoothed) canal per row: a tilted sacrum drops less than its length.
@@ -500,7 +503,7 @@ def _sac_end(
     arc = np.concatenate([[0.0], np.cumsum(np.hypot(1.0, np.diff(smooth)))]) * FINE_MM
     for r in range(bottom - 3, top + w, -1):
         above = float(np.interp(arc[r] - SAC_TAIL_MM, arc, np.arange(arc.size)))  # SAC_TAIL_MM up the canal
-        if above < highest:
+        if above < highest - SAC_BOUND_SLACK_MM / FINE_MM:
             break
         up = float(np.median(signal[r - w : r]))
         after = signal[r + 1 : min(r + 1 + 3 * w, bottom + 1)]
@@ -509,11 +512,12 @@ def _sac_end(
             # CSF as bright as the canal above (relative: the bias field varies along the spine) ...
             up >= SAC_BRIGHT * np.percentile(signal[max(top, r - reference) : r], 90)
             # ... falling to SAC_STEP of it ...
-            and float(np.median(after[min(skip, after.size // 2) :][:w])) <= SAC_STEP * up
+            and float(np.median(after[min(skip, after.size // 2) :][:w]))
+            <= (SAC_STEP if above >= highest else SAC_STRONG_STEP) * up
             # ... for good: after a narrowing at a disc the CSF comes back.
             and float(after[w // 2 :].max(initial=low)) - low < 0.5 * (up - low)
         ):
-            row = above
+            row = max(above, highest)
             break
     r = int(np.clip(round(row), 0, grid.size - 1))
     return grid.view_px_to_patient_yz([float(path[r]), float(row)])
