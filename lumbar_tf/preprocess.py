@@ -440,9 +440,9 @@ def _mirror_midline(images: np.ndarray, lateral: np.ndarray, band: tuple[slice, 
 
 def _canal_trace(img: np.ndarray, column_px: np.ndarray, valid_rows: np.ndarray) -> np.ndarray:
     """Column per row (``[S]``) of the CSF canal on a FINE_MM T2 image: the bright ridge ~10 mm wide
-    (brighter than both flanks, weighted towards the brightest), searched 15 mm in front of to 45 mm
-    behind the periodic column (``column_px`` [n, (u, v)]), and further back below its end, where
-    the sacrum tilts backwards."""
+    (brighter than both flanks, weighted towards the brightest), searched CANAL_REACH_MM either side
+    of the periodic column (``column_px`` [n, (u, v)]), wider below its end, where the sacrum tilts
+    back."""
     k = int(round(9.0 / FINE_MM)) | 1
     centre = cv2.blur(img, (k, k))
     flank = cv2.blur(img, (max(1, k - 1), k))
