@@ -13,7 +13,8 @@ Two sources of anatomy with known label points:
     the pipeline uses and split by where the spine sits: "low" when the canal's L1/L2-L5/S1 middle lies
     more than 22.5% of the field's half height below its centre (the phantom draws 0-45%).
 For each: the L5/S1 error, the share of studies with all five canal points inside the central 90%
-of the view, against the field-centred grid used before, and the midline error.
+of the view, against the field-centred grid used before, the midline error and `find_spine`'s time
+per study (wall clock on whatever else the machine runs).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,9 @@ def _inside(grid, yz) -> bool:
 
 
 def _score(series, canal_xyz, x_mid):
+    start = time.perf_counter()
     found = preprocess.find_spine(series, CFG)
+    seconds = time.perf_counter() - start
     grid = preprocess._grid_from_spine(found, CFG)
     field = preprocess.ViewGrid(
         np.array([s.center for s in series.slices])[:, 1:3].mean(axis=0), CFG.spine_crop_mm, CFG.view_size
@@ -52,7 +56,8 @@ def _score(series, canal_xyz, x_mid):
     best = float(
         np.min(np.abs([(s.position - np.array([x_mid, 0, 0])) @ series.normal for s in series.slices]))
     )
-    return found.found, l5, _inside(grid, canal_xyz[:, 1:]), _inside(field, canal_xyz[:, 1:]), mid_err - best
+    inside = _inside(grid, canal_xyz[:, 1:]), _inside(field, canal_xyz[:, 1:])
+    return found.found, l5, *inside, mid_err - best, seconds
 
 
 def drawn(n: int, seed: int, tmp: Path, low: bool):
@@ -183,7 +188,10 @@ def report(name: str, rows) -> str:
     l5 = f"L5/S1 error median {np.nanmedian(r[:, 1]):5.1f} mm, p90 {np.nanpercentile(r[:, 1], 90):5.1f} mm"
     inside = f"all levels in view: spine grid {r[:, 2].mean():.2f}, field grid {r[:, 3].mean():.2f}"
     midline = f"midline slice off by > 0: {np.mean(r[:, 4] > 0.5):.2f}"
-    line = f"{name:<32} n={len(r):3d}  found {r[:, 0].mean():.2f}  {l5}  |  {inside}  |  {midline}"
+    speed = f"find_spine {1000 * np.median(r[:, 5]):.0f} ms/study (median)"
+    line = (
+        f"{name:<32} n={len(r):3d}  found {r[:, 0].mean():.2f}  {l5}  |  {inside}  |  {midline}  |  {speed}"
+    )
     print(line, flush=True)
     return line
 

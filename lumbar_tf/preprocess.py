@@ -217,9 +217,10 @@ L5S1_EDGE_MM = 15.0
 # L1/L2..L5/S1 span about twice this (the grid centre is this far above L5/S1, on the trace).
 LEVELS_HALF_SPAN_MM = 62.0
 # A column counts as found when its band-pass share (periodic energy / all vertical variation) is
-# at least this along the trace, over at least this length; noise gives ~0.3, a spine 0.5-0.8.
+# at least this along the trace, over at least this length; noise gives ~0.3, a spine 0.5-0.8 (60 mm,
+# was 100: 3 of 40 realistic spines gave 68-94 mm runs broken by gaps, the grid fell to the field).
 MIN_PERIODICITY = 0.45
-MIN_COLUMN_MM = 100.0
+MIN_COLUMN_MM = 60.0
 # The sacrum leaves the lumbar column tilted back from vertical by 30-60 degrees: where the trace
 # bends back by more than SACRAL_BEND_DEG over SACRAL_BEND_MM, that bend is the lumbosacral junction.
 SACRAL_BEND_DEG = 28.0
@@ -228,6 +229,27 @@ SACRAL_BEND_MM = 30.0
 # half-width (its envelope blurs the sacrum upwards): L5/S1 lies this far below the bend's middle
 # (35 mm on the realistic phantoms' sacrum, 20 mm before on the drawn one).
 BEND_LAG_MM = 35.0
+# L5/S1 from the sacrum on T2/STIR (`_sac_end`): the dural sac (bright CSF) ends at S2, so its end
+# lies one S1 body (~27 mm), the fused S1/S2 disc and half the L5/S1 disc below the L5/S1 canal
+# point, measured along the canal (realistic phantoms, seed 31: 37-45 mm head-feet, median 40).
+SAC_TAIL_MM = 40.0
+# Where the sac runs off the field's lower edge, L5/S1 lies between SAC_TAIL_MM and the 15 mm
+# planning margin above that edge (measured 14-33 mm, median 21): this far.
+SAC_CUT_MM = 21.0
+# The canal is traced at FINE_MM; its end is the lowest row where the CSF signal (at least
+# SAC_BRIGHT of the trace's 90th percentile over SAC_REFERENCE_MM above, median over SAC_WINDOW_MM)
+# falls to SAC_STEP of it below and stays there.
+FINE_MM = 1.0
+# The canal is searched this far either side of the periodic column (which may follow the bodies or
+# the spinous processes), widening by CANAL_TILT per mm below its end (the sacrum tilts back).
+CANAL_REACH_MM = 40.0
+CANAL_TILT = 0.4
+SAC_WINDOW_MM = 15.0
+SAC_REFERENCE_MM = 100.0
+SAC_BOUND_SLACK_MM = 25.0
+SAC_STRONG_STEP = 0.6
+SAC_BRIGHT = 0.8
+SAC_STEP = 0.9
 # Half-range of the midline search about the stack centre, and the mirror distances compared.
 MIDLINE_SEARCH_MM = 12.0
 _MIRROR_MM = (4.0, 8.0, 12.0)
@@ -416,6 +438,91 @@ def _mirror_midline(images: np.ndarray, lateral: np.ndarray, band: tuple[slice, 
     return best_c
 
 
+def _canal_trace(img: np.ndarray, column_px: np.ndarray, valid_rows: np.ndarray) -> np.ndarray:
+    """Column per row (``[S]``) of the CSF canal on a FINE_MM T2 image: the bright ridge ~10 mm wide
+    (brighter than both flanks, weighted towards the brightest), searched CANAL_REACH_MM either side
+    of the periodic column (``column_px`` [n, (u, v)]), wider below its end, where the sacrum tilts
+    back."""
+    k = int(round(9.0 / FINE_MM)) | 1
+    centre = cv2.blur(img, (k, k))
+    flank = cv2.blur(img, (max(1, k - 1), k))
+    shift = k
+    left = np.roll(flank, shift, axis=1)
+    right = np.roll(flank, -shift, axis=1)
+    strength = np.clip(np.minimum(centre - left, centre - right), 0.0, None) * centre**4
+    rows = np.arange(img.shape[0])
+    order = np.argsort(column_px[:, 1])
+    along = np.interp(rows, column_px[order, 1], column_px[order, 0])
+    below = np.maximum(rows - column_px[:, 1].max(), 0.0)
+    cols = np.arange(img.shape[1])[None, :]
+    reach = (CANAL_REACH_MM + CANAL_TILT * below) / FINE_MM
+    window = np.abs(cols - along[:, None]) <= reach[:, None]
+    return trace_column(strength * window, valid_rows, penalty=0.2)
+
+
+def _sac_end(
+    series: Series, index: int, column_yz: np.ndarray, field_centre: np.ndarray, cfg
+) -> np.ndarray | None:
+    """L5/S1 canal point (patient y, z) from the end of the dural sac on a T2/STIR slice, or None
+    where no bright canal is traced (`SAC_TAIL_MM`, `SAC_CUT_MM`)."""
+    coarse, lo, hi = _coarse_grid(series, index)
+    grid = ViewGrid(coarse.center_yz, coarse.spine_crop_mm, int(round(coarse.spine_crop_mm / FINE_MM)))
+    img = _coarse_images(series, [index], grid, cfg)[0]
+    rows_yz = grid.view_px_to_patient_yz(np.stack([np.zeros(grid.size), np.arange(grid.size)], axis=1))
+    valid = (rows_yz[:, 1] >= lo[1] - 1e-6) & (rows_yz[:, 1] <= hi[1] + 1e-6)
+    column_px = grid.patient_yz_to_view_px(column_yz)
+    top = int(max(column_px[:, 1].min(), 0))
+    valid[:top] = False
+    if valid.sum() < 4 * SAC_WINDOW_MM / FINE_MM:
+        return None
+    path = _canal_trace(img, column_px, valid)
+    # Rows where the canal is inside the acquired field (a rotated field's corners are not).
+    field = cv2.warpAffine(
+        np.ones((series.slices[index].rows, series.slices[index].cols), np.float32),
+        view_to_slice_affine(series, index, grid),
+        (grid.size, grid.size),
+        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
+    valid &= field[np.arange(grid.size), path] > 0.5
+    if valid.sum() < 4 * SAC_WINDOW_MM / FINE_MM:
+        return None
+    bottom = int(np.flatnonzero(valid).max())
+    signal = cv2.blur(img, (5, 1))[np.arange(grid.size), path]
+    signal = cv2.GaussianBlur(signal.astype(np.float32)[:, None], (1, 0), 2.0 / FINE_MM)[:, 0]
+    w = int(round(SAC_WINDOW_MM / FINE_MM))
+    reference = int(round(SAC_REFERENCE_MM / FINE_MM))
+    skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
+    # L5/S1 is at least L5S1_MIN_BELOW_MM below the field centre: a sac end much above that is none;
+    # one a little above it with a clear drop (a small spine-centred field) puts L5/S1 on the bound.
+    highest = grid.patient_yz_to_view_px(field_centre)[1] + L5S1_MIN_BELOW_MM / FINE_MM
+    row = bottom - SAC_CUT_MM / FINE_MM  # the sac runs off the field
+    # Arc length along the (smoothed) canal per row: a tilted sacrum drops less than its length.
+    smooth = cv2.GaussianBlur(path.astype(np.float32)[:, None], (1, 0), 3.0 / FINE_MM)[:, 0]
+    arc = np.concatenate([[0.0], np.cumsum(np.hypot(1.0, np.diff(smooth)))]) * FINE_MM
+    for r in range(bottom - 3, top + w, -1):
+        above = float(np.interp(arc[r] - SAC_TAIL_MM, arc, np.arange(arc.size)))  # SAC_TAIL_MM up the canal
+        if above < highest - SAC_BOUND_SLACK_MM / FINE_MM:
+            break
+        up = float(np.median(signal[r - w : r]))
+        after = signal[r + 1 : min(r + 1 + 3 * w, bottom + 1)]
+        low = float(after[:w].min())
+        if (
+            # CSF as bright as the canal above (relative: the bias field varies along the spine) ...
+            up >= SAC_BRIGHT * np.percentile(signal[max(top, r - reference) : r], 90)
+            # ... falling to SAC_STEP of it ...
+            and float(np.median(after[min(skip, after.size // 2) :][:w]))
+            <= (SAC_STEP if above >= highest else SAC_STRONG_STEP) * up
+            # ... for good: after a narrowing at a disc the CSF comes back.
+            and float(after[w // 2 :].max(initial=low)) - low < 0.5 * (up - low)
+        ):
+            row = max(above, highest)
+            break
+    r = int(np.clip(round(row), 0, grid.size - 1))
+    return grid.view_px_to_patient_yz([float(path[r]), float(row)])
+
+
 def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
     """Find the lumbar spine in a sagittal series, from its pixels alone (the same in training and
     inference; never from labels).
@@ -426,7 +533,9 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
     2. Midline: the plane about which those slices are most symmetric near the column
        (`_mirror_midline`), searched +-12 mm about the stack centre; the column is re-traced on
        the slice nearest to it.
-    3. L5/S1 from the sacrum: where the trace bends back into the sacrum (`_sacral_bend`); else
+    3. L5/S1 from the sacrum: on T2/STIR, SAC_TAIL_MM above the end of the bright dural sac (S2) on
+       the canal traced at FINE_MM (`_sac_end`; SAC_CUT_MM above the field's edge where the sac runs
+       off it). On T1 (dark CSF): where the trace bends back into the sacrum (`_sacral_bend`); else
        SACRAL_TAIL_MM above the end of the periodic column; else (the column runs off the field)
        halfway between the places of a centred and a low field. The grid centre is
        LEVELS_HALF_SPAN_MM above L5/S1 on the trace, kept inside the field where the field is
@@ -446,7 +555,7 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
     valid_rows = (rows_yz[:, 1] >= lo[1] - 1e-6) & (rows_yz[:, 1] <= hi[1] + 1e-6)
     k = near.index(centre_index)
     path, run, share = _column(images[k], valid_rows)
-    midline = 0.0
+    midline, traced_on = 0.0, centre_index
     found = run is not None and share >= MIN_PERIODICITY and (run[1] - run[0]) * COARSE_MM >= MIN_COLUMN_MM
     if found:
         cols = slice(
@@ -459,15 +568,21 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
             if k_mid != k:
                 path2, run2, share2 = _column(images[k_mid], valid_rows)
                 if run2 is not None and share2 >= MIN_PERIODICITY:
-                    path, run = path2, run2
+                    path, run, traced_on = path2, run2, near[k_mid]
     normal = series.normal
     if not found:
         centre_yz = field_centre
         l5s1, column = None, np.zeros((0, 2))
     else:
         bottom_valid = int(np.flatnonzero(valid_rows).max())
+        trace = np.arange(run[0], run[1] + 1)
+        column = grid.view_px_to_patient_yz(np.stack([path[trace], trace], axis=1).astype(np.float64))
+        # T2/STIR: the end of the bright dural sac (S2); T1 (CSF dark): the column's shape and end.
+        sac = None if "T1" in series.description else _sac_end(series, traced_on, column, field_centre, cfg)
         bend = _sacral_bend(path, run)
-        if bend is not None:
+        if sac is not None:
+            l5s1_row = float(grid.patient_yz_to_view_px(sac)[1])
+        elif bend is not None:
             l5s1_row = bend
         elif run[1] >= bottom_valid - 5:  # within 10 mm of the edge: the sacrum's end is not in the field
             centred = grid.patient_yz_to_view_px(field_centre)[1] + LEVELS_HALF_SPAN_MM / COARSE_MM
@@ -488,10 +603,10 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
         lumbar = lumbar[(lumbar >= 0) & (lumbar < grid.size)]
         col = float(np.median(path[lumbar])) if lumbar.size else float(np.median(path[run[0] : run[1] + 1]))
         l5s1_col = float(path[int(np.clip(round(l5s1_row), 0, grid.size - 1))])
+        if sac is not None:  # on the traced canal
+            l5s1_col = float(grid.patient_yz_to_view_px(sac)[0])
         centre_yz = grid.view_px_to_patient_yz([col, centre_row])
         l5s1 = grid.view_px_to_patient_yz([l5s1_col, l5s1_row])
-        trace = np.arange(run[0], run[1] + 1)
-        column = grid.view_px_to_patient_yz(np.stack([path[trace], trace], axis=1).astype(np.float64))
         half = float(cfg.spine_crop_mm) / 2
         a, b = lo + half, hi - half  # a <= b: the view fits in the field; else keep the field in the view
         centre_yz = np.clip(centre_yz, np.minimum(a, b), np.maximum(a, b))

@@ -75,6 +75,7 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     err = np.linalg.norm(outputs["level_xy"] - studies["level_xy"], axis=-1) * cfg.spine_crop_mm
     err = err[studies["level_present"] > 0.5]
     metrics["localizer_error_mm"] = {"median": float(np.median(err)), "p90": float(np.percentile(err, 90))}
+    metrics["by_field_placement"] = _by_field_placement(data_dir, studies, outputs, cfg)
     limit = bayes_limit(data_dir, studies["study_id"], studies["grades"])
     if limit is not None:
         metrics["bayes_limit"] = limit
@@ -89,6 +90,69 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     write_json_atomic(out / "metrics.json", metrics)
     _plots(outputs["threshold_probs"], studies["grades"], out, loaded.run_dir)
     return metrics
+
+
+# A study's spine sits "low" when the middle of its labelled L1/L2..L5/S1 canal points lies more
+# than this share of the Sagittal T2 field's half height below the field's centre (RSNA 4003253: 0.38;
+# the realistic phantom draws 0-0.45, `benchmarks/spine_finder.py` splits the same way).
+LOW_FIELD_SHARE = 0.225
+
+
+def field_placement(data_dir, study_ids) -> dict[str, str]:
+    """Study -> "low" / "centred" from its labelled canal points relative to the field of the image
+    they are on (pixel rows over the instance's Rows: real data works alike); "unknown" without
+    canal points or a readable labelled instance."""
+    import pydicom
+
+    from lumbar_tf.data.dataset import read_index
+
+    index = read_index(data_dir)
+    out = {}
+    for sid in study_ids:
+        labels = index.studies.get(str(sid))
+        canal = [
+            c for c in (labels.coordinates if labels else []) if c["condition"] == "spinal_canal_stenosis"
+        ]
+        out[str(sid)] = "unknown"
+        if not canal:
+            continue
+        first = canal[0]
+        path = index.images_dir / str(sid) / first["series_id"] / f"{first['instance_number']}.dcm"
+        try:
+            rows = int(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows"]).Rows)
+        except (OSError, AttributeError, ValueError, pydicom.errors.InvalidDicomError):
+            continue
+        ys = [c["y"] for c in canal if c["series_id"] == first["series_id"]]
+        below = (0.5 * (min(ys) + max(ys)) - (rows - 1) / 2) / (rows / 2)
+        out[str(sid)] = "low" if below > LOW_FIELD_SHARE else "centred"
+    return out
+
+
+def _by_field_placement(data_dir, studies: dict, outputs: dict, cfg) -> dict:
+    """End-to-end metrics and level error per field placement (`field_placement`)."""
+    placement = field_placement(data_dir, studies["study_id"])
+    groups = np.array([placement[str(s)] for s in studies["study_id"]])
+    out = {"low_field_share": LOW_FIELD_SHARE}
+    for name in ("low", "centred", "unknown"):
+        keep = np.flatnonzero(groups == name)
+        if keep.size == 0:
+            out[name] = {"n_studies": 0}
+            continue
+        scores = compute_metrics(outputs["threshold_probs"][keep], studies["grades"][keep])
+        err = (
+            np.linalg.norm(outputs["level_xy"][keep] - studies["level_xy"][keep], axis=-1) * cfg.spine_crop_mm
+        )
+        err = err[studies["level_present"][keep] > 0.5]
+        out[name] = {
+            "n_studies": int(keep.size),
+            "rsna_log_loss": scores["rsna_log_loss"]["total"],
+            "macro_roc_auc": scores["macro_roc_auc"],
+            "localizer_error_mm": {
+                "median": float(np.median(err)) if err.size else None,
+                "p90": float(np.percentile(err, 90)) if err.size else None,
+            },
+        }
+    return out
 
 
 def bayes_limit(data_dir, study_ids, grades) -> dict | None:
@@ -208,6 +272,17 @@ def format_metrics_table(metrics: dict) -> str:
     if "localizer_error_mm" in metrics:
         e = metrics["localizer_error_mm"]
         rows.append(("localiser error mm (median/p90)", f"{e['median']:.1f} / {e['p90']:.1f}"))
+    for name, group in metrics.get("by_field_placement", {}).items():
+        if isinstance(group, dict) and group.get("n_studies"):
+            e = group["localizer_error_mm"]
+            level = "-" if e["median"] is None else f"{e['median']:.1f} / {e['p90']:.1f}"
+            rows.append(
+                (
+                    f"  spine {name} (n={group['n_studies']})",
+                    f"loss {_fmt(group['rsna_log_loss'])}, AUC {_fmt(group['macro_roc_auc'])}, "
+                    f"level mm {level}",
+                )
+            )
     lines = [f"{k:<34}{v}" for k, v in rows]
     lines.append(f"{'condition':<34}{'AUC':>7}{'F1':>7}{'QWK':>7}")
     for c in L.CONDITIONS:
