@@ -194,6 +194,7 @@ def localizer_errors_mm(model, studies: dict, cfg: Config) -> np.ndarray:
 
 
 def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_callbacks=()):
+    from lumbar_tf.models.end_to_end import grader_input_names
     from lumbar_tf.models.losses import OrdinalFocalLoss
     from lumbar_tf.models.networks import build_grader
 
@@ -212,7 +213,7 @@ def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_ca
     )
     val_ds = grader_dataset(cache, p, val_ids, batch_size=stage.batch_size, training=False)
     with distribution_scope():
-        model = build_grader(p.crop_size, p.view_names, cfg.model)
+        model = build_grader(p.crop_size, grader_input_names(p), cfg.model)
         model.compile(
             optimizer=make_optimizer(stage, steps),
             loss=OrdinalFocalLoss.from_loss_config(cfg.train.loss),
