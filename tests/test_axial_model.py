@@ -182,3 +182,13 @@ def test_tablet_modules_still_import_no_tensorflow():
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.slow
+def test_explain_feeds_the_axial_crops(axial_model_file, phantom_dir, tmp_path):
+    from lumbar_tf.report.explain import explain_study
+
+    study_dir = sorted((phantom_dir / "train_images").iterdir())[0]
+    out = explain_study(axial_model_file, study_dir, tmp_path / "explain")
+    assert [e["level"] for e in out["predictions"]["axial"]] == list(labels.LEVELS)
+    assert not any("other probabilities" in w for w in out["predictions"]["warnings"])

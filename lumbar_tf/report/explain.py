@@ -498,6 +498,8 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     # Grad-CAM++ on the numpy crops (the same crops the in-graph LevelCrop takes).
     grader = find_grader(loaded.model)
     crops = crop_levels(views, level_xy, cfg)
+    if result.axial is not None:  # an axial model: its crops around the projected levels
+        crops[cfg.axial.name] = result.axial[1].astype(np.float32)
     condition_views = {condition: source_view(cfg, condition)[0] for condition in L.CONDITIONS}
     cams_fm, logits = grader_gradcams(grader, crops, condition_views, threshold)
     logits_cl = np.swapaxes(logits, 0, 1)  # [condition, level, 3]
