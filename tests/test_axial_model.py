@@ -121,7 +121,7 @@ def axial_model_file(axial_cfg, tmp_path_factory):
     assert grader_input_names(p) == ("sag_t2", "sag_t1", "ax_t2")
     model = build_end_to_end(
         build_localizer(p.view_size, axial_cfg.model),
-        build_grader(p.crop_size, grader_input_names(p), axial_cfg.model),
+        build_grader(p.crop_size, grader_input_names(p), axial_cfg.model, own_backbone=("ax_t2",)),
         p,
     )
     path = tmp_path_factory.mktemp("axial_model") / "model.keras"

@@ -217,7 +217,8 @@ def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_ca
     val_ds = grader_dataset(cache, p, val_ids, batch_size=stage.batch_size, training=False, axial=axial)
     names = grader_input_names(p) if axial else p.view_names
     with distribution_scope():
-        model = build_grader(p.crop_size, names, cfg.model)
+        own = (p.axial.name,) if axial and p.axial is not None else ()
+        model = build_grader(p.crop_size, names, cfg.model, own_backbone=own)
         model.compile(
             optimizer=make_optimizer(stage, steps),
             loss=OrdinalFocalLoss.from_loss_config(cfg.train.loss),
