@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--holdout", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("/tmp/axial_ablation"))
+    parser.add_argument(
+        "--evaluate-only", action="store_true", help="evaluate the runs under OUT/runs again, no training"
+    )
     args = parser.parse_args()
 
     from lumbar_tf.core.config import load_config
@@ -141,15 +144,17 @@ def main() -> None:
     cache = args.out / "cache"
     runs = args.out / "runs"
     t1 = time.time()
-    axial_run = train(train_dir, runs / "axial", overrides=OVERRIDES, cache_dir=cache, overwrite=True)
+    axial_run = runs / "axial"
+    if not args.evaluate_only:
+        train(train_dir, axial_run, overrides=OVERRIDES, cache_dir=cache, overwrite=True)
     t_axial = time.time() - t1
     cfg = load_config(axial_run / "config.yaml")
     split = json.loads((axial_run / "split.json").read_text())
     finished = json.loads((axial_run / "finished.json").read_text())
     t2 = time.time()
-    sagittal_run = _no_axial_model(
-        runs / "sagittal", cfg, split["train"], split["val"], cache, finished["grader_jitter_mm"]
-    )
+    sagittal_run = runs / "sagittal"
+    if not args.evaluate_only:
+        _no_axial_model(sagittal_run, cfg, split["train"], split["val"], cache, finished["grader_jitter_mm"])
     t_sagittal = time.time() - t2
     t3 = time.time()
     ev = _evaluate({"sagittal": KerasPredictor(sagittal_run), "axial": KerasPredictor(axial_run)}, holdout)

@@ -192,3 +192,36 @@ def test_explain_feeds_the_axial_crops(axial_model_file, phantom_dir, tmp_path):
     out = explain_study(axial_model_file, study_dir, tmp_path / "explain")
     assert [e["level"] for e in out["predictions"]["axial"]] == list(labels.LEVELS)
     assert not any("other probabilities" in w for w in out["predictions"]["warnings"])
+
+
+def test_snap_takes_the_middle_of_the_nearest_disc_stack(record, phantom_dir):
+    """A level point a few mm off its disc (the localiser's error) still gets its disc stack's
+    middle slice; one level per stack; a point far from every stack stays uncovered."""
+    from lumbar_tf import axial
+    from lumbar_tf.dicom.reader import read_study
+
+    index, r = record
+    study = read_study(index.images_dir / r["study_id"], index.descriptions.get(r["study_id"]))
+    series = axial.axial_series(study)
+    stacks = axial.find_stacks(series[0])
+    exact = axial.project_levels(_label_points(index, r, study), series)
+    assert all(p.covered for p in exact)
+    normal = np.asarray(stacks[0].normal)
+    off = _label_points(index, r, study) + 9.0 * normal  # 9 mm towards the head: past a 3-slice stack
+    plain = axial.project_levels(off, series)
+    snapped = axial.project_levels(off, series, snap_mm=axial.DISC_SNAP_MM)
+    assert [p.instance_number for p in snapped] == [p.instance_number for p in exact]
+    assert all(p.covered for p in snapped)
+    assert [p.instance_number for p in plain] != [p.instance_number for p in exact]
+    far = _label_points(index, r, study) + 60.0 * normal
+    far[1:] = np.nan
+    assert not axial.project_levels(far, series, snap_mm=axial.DISC_SNAP_MM)[0].covered
+
+
+def _label_points(index, r, study) -> np.ndarray:
+    from lumbar_tf import axial
+    from lumbar_tf.preprocess import build_views
+
+    cfg = axial.PreprocessConfig(view_size=64, crop_size=32)
+    _, grid, instances, _ = build_views(study, cfg)
+    return axial.level_points_patient(study, grid, instances, r["level_xy"], cfg)

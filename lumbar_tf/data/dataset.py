@@ -271,7 +271,7 @@ def _axial_record(study, grid, view_instances, level_xy, present, cfg: Preproces
     points = axial.level_points_patient(study, grid, view_instances, level_xy, cfg)
     points[np.asarray(present) < 0.5] = np.nan
     series = axial.axial_series(study)
-    projections = axial.project_levels(points, series)
+    projections = axial.project_levels(points, series, snap_mm=axial.DISC_SNAP_MM)
     crops = axial.axial_crops(
         series, projections, cfg, crop_mm=crop_mm, size=size, neighbours=(channels - 1) // 2
     )

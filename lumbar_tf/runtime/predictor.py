@@ -162,7 +162,7 @@ def axial_inputs(predictor, study: Study, batch: dict, grid, info: dict):
     level_xy = np.asarray(predictor.localize_views(batch))[0]
     points = axial.level_points_patient(study, grid, info, level_xy, cfg)
     series = axial.axial_series(study)
-    projections = axial.project_levels(points, series)
+    projections = axial.project_levels(points, series, snap_mm=axial.DISC_SNAP_MM)
     crops = axial.axial_crops(
         series, projections, cfg, crop_mm=a.crop_mm, size=cfg.crop_size, neighbours=a.neighbours
     )
