@@ -192,6 +192,17 @@ def test_explain_feeds_the_axial_crops(axial_model_file, phantom_dir, tmp_path):
     out = explain_study(axial_model_file, study_dir, tmp_path / "explain")
     assert [e["level"] for e in out["predictions"]["axial"]] == list(labels.LEVELS)
     assert not any("other probabilities" in w for w in out["predictions"]["warnings"])
+    # subarticular Grad-CAM on each level's own axial slice; the other conditions stay sagittal
+    axial_slice = out["cam_slices"]["left_subarticular_stenosis"]
+    covered = [e for e in out["predictions"]["axial"] if e["covered"]]
+    assert axial_slice["view"] == "ax_t2" and len(axial_slice["instances"]) == len(covered)
+    assert out["cam_slices"]["spinal_canal_stenosis"]["view"] == "sag_t2"
+    assert out["paths"]["gradcam"]["right_subarticular_stenosis"].is_file()
+    peaks = out["cam_peaks"]["left_subarticular_stenosis"]
+    levels = [labels.LEVELS.index(e["level"]) for e in covered]
+    for k, e in zip(levels, covered, strict=True):
+        if np.isfinite(peaks[k]).all():  # the peak lies inside the 60 mm crop on that axial slice
+            assert np.hypot(peaks[k][0] - e["x"], peaks[k][1] - e["y"]) < 60
 
 
 def test_snap_takes_the_middle_of_the_nearest_disc_stack(record, phantom_dir):
