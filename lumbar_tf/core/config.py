@@ -51,6 +51,36 @@ def _default_views() -> list[ViewSpec]:
 
 
 @dataclass
+class AxialSpec:
+    """The axial view: per level, the Axial T2 slice nearest the level's 3-D point and its neighbours
+    as channels, cropped around the point's projection (`lumbar_tf.axial`; subarticular stenosis).
+
+    Args:
+        name: input name of the axial crops (``ax_t2``).
+        series_description: RSNA series description it is read from.
+        crop_mm: side of the square crop in mm (resampled to ``PreprocessConfig.crop_size``).
+        neighbours: slices on each side of the nearest one; channels = 2 * neighbours + 1 (3: the
+            grader's backbone is shared with the sagittal crops).
+        slice_shift: training moves the centre slice by up to this many slices (the projection
+            picks a neighbour when the localiser errs by a few mm, `benchmarks/axial_projection_results.md`).
+        shift_mm: training moves the crop in-plane by up to this (the projection's error).
+        dropout: training zeroes a level's axial crop at this rate (a level no stack covers).
+    """
+
+    name: str = "ax_t2"
+    series_description: str = "Axial T2"
+    crop_mm: float = 60.0
+    neighbours: int = 1
+    slice_shift: int = 1
+    shift_mm: float = 4.0
+    dropout: float = 0.15
+
+    @property
+    def channels(self) -> int:
+        return 2 * self.neighbours + 1
+
+
+@dataclass
 class PreprocessConfig:
     """DICOM -> model-ready views and level crops (see docs/architecture.md)."""
 
@@ -62,6 +92,7 @@ class PreprocessConfig:
     crop_mm: float = 60.0
     crop_size: int = 64
     views: list[ViewSpec] = field(default_factory=_default_views)
+    axial: AxialSpec | None = None  # None: sagittal views only
 
     @property
     def view_names(self) -> tuple[str, ...]:
@@ -295,7 +326,23 @@ def validate_preprocess(p: PreprocessConfig) -> PreprocessConfig:
             *((f"preprocess.views[{i}].offsets", v.offsets in OFFSET_SOURCES) for i, v in enumerate(p.views)),
         ]
     )
+    if p.axial is not None:
+        _validate_axial(p)
     return p
+
+
+def _validate_axial(p: PreprocessConfig) -> None:
+    a = p.axial
+    _check(
+        [
+            ("preprocess.axial.name", bool(a.name) and a.name not in (*p.view_names, "level_index")),
+            ("preprocess.axial.crop_mm", a.crop_mm > 0),
+            ("preprocess.axial.neighbours", a.neighbours == 1),  # 3 channels: the shared backbone's input
+            ("preprocess.axial.slice_shift", 0 <= a.slice_shift <= 3),
+            ("preprocess.axial.shift_mm", 0 <= a.shift_mm < a.crop_mm / 2),
+            ("preprocess.axial.dropout", 0.0 <= a.dropout < 1.0),
+        ]
+    )
 
 
 def _validate(config: Config) -> None:

@@ -219,10 +219,10 @@ def prepare_study(
     of `_drop_views`); only a study without any sagittal series fails (DicomError).
     """
     study_dir = images_dir / check_study_id(study_id, str(images_dir))
-    wanted = {spec.series_description for spec in cfg.views}
+    wanted = {spec.series_description for spec in cfg.views} | _axial_descriptions(cfg)
     labelled = {row["series_id"] for row in labels.coordinates} if labels is not None else None
     study = read_study(study_dir, descriptions.get(study_id), only=wanted, prefer=labelled)
-    views, grid, _, warnings = build_views(study, cfg)
+    views, grid, view_instances, warnings = build_views(study, cfg)
     if labels is not None:
         level_xy, present = _level_points(study, grid, labels)
         grades, fine = labels.grades, labels.fine_grades
@@ -230,7 +230,9 @@ def prepare_study(
         level_xy = np.zeros((L.N_LEVELS, 2), np.float32)
         present = np.zeros((L.N_LEVELS,), np.float32)
         grades, fine = np.full((L.N_CONDITIONS, L.N_LEVELS), L.UNKNOWN), False
+    extra = _axial_record(study, grid, view_instances, level_xy, present, cfg) if cfg.axial else {}
     return {
+        **extra,
         "study_id": study_id,
         "views": views,
         "level_xy": level_xy,
@@ -239,6 +241,103 @@ def prepare_study(
         "fine_grades": fine,
         "warnings": warnings,
     }
+
+
+# === Axial crops in the cache ===
+
+
+def _axial_descriptions(cfg: PreprocessConfig) -> set[str]:
+    return {cfg.axial.series_description} if cfg.axial is not None else set()
+
+
+def axial_cache_geometry(cfg: PreprocessConfig) -> tuple[int, int, float]:
+    """``(channels, size px, crop mm)`` of the axial crops the cache stores per level: the model's
+    crop (``crop_size`` px of ``axial.crop_mm``) plus ``slice_shift`` slices on each side and an
+    in-plane margin of ``shift_mm``, so tf.data can shift both at random every epoch (one cache)."""
+    a = cfg.axial
+    margin = int(np.ceil(a.shift_mm / a.crop_mm * cfg.crop_size))
+    size = cfg.crop_size + 2 * margin
+    return a.channels + 2 * a.slice_shift, size, a.crop_mm * size / cfg.crop_size
+
+
+def _axial_record(study, grid, view_instances, level_xy, present, cfg: PreprocessConfig) -> dict:
+    """The axial crops around the labelled level points (`lumbar_tf.axial`, the same geometry as
+    inference), with the cache's margins; a level without a label point or axial coverage is zeros."""
+    from lumbar_tf import axial
+
+    channels, size, crop_mm = axial_cache_geometry(cfg)
+    points = axial.level_points_patient(study, grid, view_instances, level_xy, cfg)
+    points[np.asarray(present) < 0.5] = np.nan
+    series = axial.axial_series(study)
+    projections = axial.project_levels(points, series, snap_mm=axial.DISC_SNAP_MM)
+    crops = axial.axial_crops(
+        series, projections, cfg, crop_mm=crop_mm, size=size, neighbours=(channels - 1) // 2
+    )
+    return {"axial": crops, "axial_valid": np.array([p.covered for p in projections], np.float32)}
+
+
+def _axial_features(record: dict) -> dict:
+    import tensorflow as tf
+
+    return {
+        "axial": tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(record["axial"], np.uint8).tobytes()])
+        ),
+        "axial_valid": tf.train.Feature(float_list=tf.train.FloatList(value=record["axial_valid"])),
+    }
+
+
+def _axial_spec(cfg: PreprocessConfig) -> dict:
+    import tensorflow as tf
+
+    return {
+        "axial": tf.io.FixedLenFeature([], tf.string),
+        "axial_valid": tf.io.FixedLenFeature([L.N_LEVELS], tf.float32),
+    }
+
+
+def _axial_parsed(ex: dict, cfg: PreprocessConfig) -> dict:
+    import tensorflow as tf
+
+    channels, size, _ = axial_cache_geometry(cfg)
+    crops = tf.reshape(tf.io.decode_raw(ex["axial"], tf.uint8), [L.N_LEVELS, size, size, channels])
+    return {"axial": crops, "axial_valid": ex["axial_valid"]}
+
+
+def axial_training_crops(stored, cfg: PreprocessConfig, training: bool):
+    """Stored axial crops ``[5, size, size, channels]`` -> the model's ``[5, S, S, 2n+1]`` float32.
+
+    Training moves each level's centre slice by up to ``slice_shift`` slices and its crop in-plane by
+    up to ``shift_mm`` (uniform), and zeroes a level's crop at the ``dropout`` rate (what a level no
+    axial stack covers looks like). Otherwise: the centre slice and crop, exactly as `axial.axial_crops`
+    takes them at inference.
+    """
+    import tensorflow as tf
+
+    a = cfg.axial
+    size, stored_channels = int(stored.shape[1]), int(stored.shape[-1])  # margins as stored
+    s = cfg.crop_size
+    margin = (size - s) / 2
+    slices = (stored_channels - a.channels) // 2
+    if training:
+        shift = tf.random.uniform([L.N_LEVELS], -a.slice_shift, a.slice_shift + 1, dtype=tf.int32)
+        limit = min(a.shift_mm / (a.crop_mm / s), margin)
+        offset = tf.random.uniform([L.N_LEVELS, 2], -limit, limit)
+    else:
+        shift = tf.zeros([L.N_LEVELS], tf.int32)
+        offset = tf.zeros([L.N_LEVELS, 2])
+    index = slices + shift[:, None] + tf.range(a.channels)[None]  # [5, 2n+1]
+    slab = tf.gather(tf.cast(stored, tf.float32), index, axis=3, batch_dims=1)
+    # crop_and_resize: box corners land on pixel centres 0 and size-1 of the stored crop.
+    y1 = (margin + offset[:, 1]) / (size - 1)
+    x1 = (margin + offset[:, 0]) / (size - 1)
+    span = (s - 1) / (size - 1)
+    boxes = tf.stack([y1, x1, y1 + span, x1 + span], axis=-1)
+    crops = tf.image.crop_and_resize(slab, boxes, tf.range(L.N_LEVELS), [s, s])
+    if training and a.dropout > 0:
+        keep = tf.cast(tf.random.uniform([L.N_LEVELS]) >= a.dropout, tf.float32)
+        crops = crops * keep[:, None, None, None]
+    return crops
 
 
 # === TFRecord cache ===
@@ -262,6 +361,8 @@ def _serialize(record: dict, view_names: Iterable[str]) -> bytes:
     }
     for name in view_names:
         features[f"view/{name}"] = _bytes(np.ascontiguousarray(record["views"][name], np.uint8).tobytes())
+    if "axial" in record:
+        features.update(_axial_features(record))
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
@@ -574,9 +675,10 @@ def _set_aside(manifest_path: Path) -> None:
 # === tf.data ===
 
 
-def _parse_fn(view_names, view_size):
+def _parse_fn(view_names, view_size, cfg: PreprocessConfig | None = None):
     import tensorflow as tf
 
+    axial = cfg is not None and cfg.axial is not None
     spec = {
         "study_id": tf.io.FixedLenFeature([], tf.string),
         "level_xy": tf.io.FixedLenFeature([L.N_LEVELS * 2], tf.float32),
@@ -586,6 +688,8 @@ def _parse_fn(view_names, view_size):
     }
     for name in view_names:
         spec[f"view/{name}"] = tf.io.FixedLenFeature([], tf.string)
+    if axial:
+        spec.update(_axial_spec(cfg))
 
     def parse(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
@@ -599,6 +703,7 @@ def _parse_fn(view_names, view_size):
             "level_xy": tf.reshape(ex["level_xy"], [L.N_LEVELS, 2]),
             "level_present": ex["level_present"],
             "grades": tf.reshape(ex["grades"], [L.N_CONDITIONS, L.N_LEVELS]),
+            **(_axial_parsed(ex, cfg) if axial else {}),
         }
 
     return parse
@@ -611,7 +716,7 @@ def study_dataset(cache_dir: str | Path, cfg: PreprocessConfig, study_ids: Itera
     manifest = load_manifest(cache_dir, cfg)
     files = sorted(str(p) for p in Path(cache_dir).glob("shard-*.tfrecord"))
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
-    ds = ds.map(_parse_fn(manifest["view_names"], cfg.view_size), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_parse_fn(manifest["view_names"], cfg.view_size, cfg), num_parallel_calls=tf.data.AUTOTUNE)
     if study_ids is not None:
         keep = tf.constant(sorted(str(s) for s in study_ids))
         ds = ds.filter(lambda r: tf.reduce_any(tf.equal(keep, r["study_id"])))
@@ -622,13 +727,17 @@ def load_studies(cache_dir, cfg: PreprocessConfig, study_ids=None) -> dict[str, 
     """All (selected) studies of a cache as numpy arrays, sorted by study id (for evaluation)."""
     items = list(study_dataset(cache_dir, cfg, study_ids).as_numpy_iterator())
     items.sort(key=lambda r: study_sort_key(r["study_id"].decode()))
-    return {
+    out = {
         "study_id": [r["study_id"].decode() for r in items],
         "views": {n: np.stack([r["views"][n] for r in items]) for n in cfg.view_names},
         "level_xy": np.stack([r["level_xy"] for r in items]),
         "level_present": np.stack([r["level_present"] for r in items]),
         "grades": np.stack([r["grades"] for r in items]),
     }
+    if cfg.axial is not None:  # the stored crops, with their margins (`axial_training_crops`)
+        out["axial"] = np.stack([r["axial"] for r in items])
+        out["axial_valid"] = np.stack([r["axial_valid"] for r in items])
+    return out
 
 
 def _photometric_augmenter(seed: int):
@@ -743,6 +852,7 @@ def grader_dataset(
     jitter_mm: float = 0.0,
     seed: int = 0,
     view_dropout: float = VIEW_DROPOUT,
+    axial: bool | None = None,
 ):
     """Per-level (crops, y_true) batches for the grader, cropped around the labelled level points.
 
@@ -750,11 +860,15 @@ def grader_dataset(
     (targets, mask). Training jitters each crop centre by up to ``jitter_mm`` (the localiser's
     typical error), so the grader learns to read a level that is not perfectly centred, and
     applies view dropout per study (`_drop_views`), so a missing series costs accuracy, not
-    correctness.
+    correctness. With ``cfg.axial`` (and ``axial`` not False: an ablation may leave it out) the
+    axial crops join as input ``cfg.axial.name`` (`axial_training_crops`: slice and in-plane shifts,
+    axial dropout).
     """
     import tensorflow as tf
 
     names = cfg.view_names
+    use_axial = cfg.axial is not None and axial is not False
+    augmented = names + ((cfg.axial.name,) if use_axial else ())
     ds = study_dataset(cache_dir, cfg, study_ids)
     if training:
         ds = ds.shuffle(512, seed=seed, reshuffle_each_iteration=True).repeat()
@@ -792,6 +906,8 @@ def grader_dataset(
         }
         y = tf.transpose(encode(r["grades"]), [1, 0, 2, 3])  # [level, cond, 3, 2]
         inputs = dict(crops)
+        if use_axial:
+            inputs[cfg.axial.name] = axial_training_crops(r["axial"], cfg, training)
         inputs["level_index"] = tf.range(L.N_LEVELS, dtype=tf.int32)
         keep = r["level_present"] > 0.5
         inputs = {k: tf.boolean_mask(v, keep) for k, v in inputs.items()}
@@ -805,7 +921,11 @@ def grader_dataset(
         augment = _photometric_augmenter(seed + 11)
 
         def aug(inputs, y):
-            out = {n: augment(inputs[n], training=True) for n in names}
+            out = {n: augment(inputs[n], training=True) for n in augmented}
+            if use_axial:  # a zeroed (not imaged) axial crop stays zeros: brightness would fill it
+                name = cfg.axial.name
+                imaged = tf.reduce_max(inputs[name], axis=[1, 2, 3], keepdims=True) > 0
+                out[name] = out[name] * tf.cast(imaged, out[name].dtype)
             out["level_index"] = inputs["level_index"]
             return out, y
 

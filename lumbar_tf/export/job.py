@@ -41,7 +41,12 @@ from lumbar_tf.export.publish import (
     publish_version,
     staging_folder,
 )
-from lumbar_tf.export.saved_model import SAVED_MODEL_TOLERANCE, write_edge_saved_model, write_saved_model
+from lumbar_tf.export.saved_model import (
+    SAVED_MODEL_TOLERANCE,
+    refuse_axial,
+    write_edge_saved_model,
+    write_saved_model,
+)
 from lumbar_tf.export.tflite import (
     QUANTIZATION,
     VARIANTS,
@@ -163,6 +168,7 @@ def export_model(
         raise ExportError(f"{out}: exists and is not a folder")
 
     loaded = _load(run_or_file)  # before anything is written: a bad model leaves nothing behind
+    refuse_axial(loaded.preprocess, loaded.path)
     cfg = loaded.preprocess
     model_dir = out / "saved_model" / name
     if version is not None and (model_dir / str(version)).exists():

@@ -28,12 +28,26 @@ from lumbar_tf.core.contract import (
 SAVED_MODEL_TOLERANCE = 1e-3
 
 
+def refuse_axial(cfg, source="model") -> None:
+    """ExportError for a model with the axial view: its signatures (`localize` then `grade` with the
+    axial crops) are not built yet, and a sagittal-only artefact of it would be silently wrong."""
+    from lumbar_tf.core.errors import ExportError
+
+    if getattr(cfg, "axial", None) is not None:
+        raise ExportError(
+            f"{source}: models with the axial view ({cfg.axial.name}) run in Keras only for now; "
+            "the SavedModel/TFLite export does not support them yet"
+        )
+
+
 def write_saved_model(model, cfg, path, metadata: dict | None = None) -> None:
     """The end-to-end model as a SavedModel with the ``serving_default`` signature of the contract,
     and, given ``metadata``, a ``metadata`` signature returning it as JSON (contract
     `METADATA_SIGNATURE`), so clients take the preprocessing from the model they call."""
     import keras
     import tensorflow as tf
+
+    refuse_axial(cfg)
 
     size = cfg.view_size
     # No archive.track(model): add_endpoint tracks every variable the endpoint uses, and track() would
@@ -67,6 +81,7 @@ def write_edge_saved_model(model, cfg, path) -> None:
     import keras
     import tensorflow as tf
 
+    refuse_axial(cfg)
     localizer = model.get_layer("localizer")
     grader = model.get_layer("grader")
     s, c = cfg.view_size, cfg.crop_size

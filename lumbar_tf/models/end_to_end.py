@@ -1,5 +1,9 @@
 """The end-to-end Keras model: views -> localiser -> in-graph level crops -> grader -> probabilities.
 
+An axial model (``preprocess.axial`` set) takes one more input, the per-level axial crops
+``[B, 5, S, S, 3]`` that `lumbar_tf.axial` cut around the projection of the localiser's own
+``level_xy`` (the caller runs the localiser first: `runtime.predictor.predict_study`).
+
 One functional model in backend-agnostic Keras 3 (keras.ops only), saved as ``RUN/model.keras`` and
 exported as the SavedModel's ``serving_default``. The crop reproduces ``tf.image.crop_and_resize``
 (and ``preprocess.crop_and_resize``, its numpy twin used by the tablet runner) exactly.
@@ -156,6 +160,25 @@ def quality_bounds_of(model: keras.Model) -> dict | None:
     return getattr(model.get_layer("level_xy"), "quality", None)
 
 
+def grader_input_names(preprocess_cfg: PreprocessConfig) -> tuple[str, ...]:
+    """The grader's crop inputs: one per view, then the axial crop when the config has one."""
+    axial = (preprocess_cfg.axial.name,) if preprocess_cfg.axial is not None else ()
+    return tuple(preprocess_cfg.view_names) + axial
+
+
+@keras.saving.register_keras_serializable(package="lumbar_tf")
+class LevelStack(keras.layers.Layer):
+    """Per-study level crops ``[B, 5, S, S, C]`` -> ``[B * 5, S, S, C]`` float32 (level-major, as
+    `LevelCrop` orders them)."""
+
+    def call(self, crops):
+        shape = ops.shape(crops)
+        return ops.reshape(ops.cast(crops, "float32"), (-1, shape[2], shape[3], shape[4]))
+
+    def compute_output_shape(self, input_shape):
+        return (None, *input_shape[2:])
+
+
 def build_end_to_end(
     localizer: keras.Model,
     grader: keras.Model,
@@ -179,6 +202,12 @@ def build_end_to_end(
         name: LevelCrop(preprocess_cfg.crop_size, half, name=f"crop_{name}")(inputs[name], level_xy)
         for name in preprocess_cfg.view_names
     }
+    if preprocess_cfg.axial is not None:
+        a = preprocess_cfg.axial
+        inputs[a.name] = keras.Input(
+            (N_LEVELS, preprocess_cfg.crop_size, preprocess_cfg.crop_size, a.channels), name=a.name
+        )
+        crops[a.name] = LevelStack(name=f"stack_{a.name}")(inputs[a.name])
     crops["level_index"] = LevelIndex(name="level_index")(level_xy)
     logits = grader(crops)
     probs = StudyGrades(fine_grades=fine_grades, name="study_grades")(logits)

@@ -332,14 +332,15 @@ def _grader_layers(cfg: ModelConfig) -> dict:
     }
 
 
-def _grader_graph(view_inputs: list, level_index, backbone: keras.Model, head: dict, tap: int | None = None):
-    """Wire views -> shared backbone -> pooled features + level embedding -> ordinal logits.
+def _grader_graph(view_inputs: list, level_index, backbones: list, head: dict, tap: int | None = None):
+    """Wire views -> their backbones (one model shared by the sagittal views) -> pooled features +
+    level embedding -> ordinal logits.
 
     With ``tap`` set, that view's feature map passes through an Identity layer named
     `GRADCAM_LAYER` and is returned too.
     """
     pooled, tapped = [], None
-    for index, view in enumerate(view_inputs):
+    for index, (view, backbone) in enumerate(zip(view_inputs, backbones, strict=True)):
         feature_map = backbone(view)
         if index == tap:
             feature_map = layers.Identity(name=GRADCAM_LAYER, dtype=backbone.dtype_policy)(feature_map)
@@ -359,6 +360,7 @@ def build_grader(
     view_names: tuple[str, ...] = ("sag_t2", "sag_t1"),
     cfg: ModelConfig | None = None,
     name: str = "grader",
+    own_backbone: tuple[str, ...] = (),
 ) -> keras.Model:
     """Level grader: a shared backbone over each view's crop, a level embedding and an ordinal head.
 
@@ -368,6 +370,10 @@ def build_grader(
         cfg: `ModelConfig`; uses ``backbone``, ``weights``, ``small_cnn_filters``,
             ``level_embedding_dim``, ``head_units`` and ``dropout``. Defaults to ``ModelConfig()``.
         name: str, model name. Defaults to ``"grader"``.
+        own_backbone: views that get a backbone of their own (layer ``backbone_<view>``): the axial
+            crop. Shared with the sagittal crops, its BatchNorm moving statistics (updated once per
+            view call, the last call weighing most) fitted neither picture, and the axial model came
+            out worse than the sagittal-only one on every group (benchmarks/axial_ablation_results.md).
 
     Returns:
         A model with dict inputs ``{view: [N, S, S, 3] float32 0-255, ..., "level_index": [N] int32
@@ -380,11 +386,27 @@ def build_grader(
     if not view_names or len(set(view_names)) != len(view_names) or LEVEL_INPUT in view_names:
         raise ValueError(f"view names must be unique, non-empty and not {LEVEL_INPUT!r}: {view_names}")
     backbone = build_backbone(cfg.backbone, crop_size, cfg.weights, cfg.small_cnn_filters)
+    backbones = [
+        build_backbone(cfg.backbone, crop_size, cfg.weights, cfg.small_cnn_filters, name=own_backbone_name(v))
+        if v in own_backbone
+        else backbone
+        for v in view_names
+    ]
     inputs = _grader_inputs(view_names, crop_size)
     logits, _ = _grader_graph(
-        [inputs[v] for v in view_names], inputs[LEVEL_INPUT], backbone, _grader_layers(cfg)
+        [inputs[v] for v in view_names], inputs[LEVEL_INPUT], backbones, _grader_layers(cfg)
     )
     return keras.Model(inputs, logits, name=name)
+
+
+def own_backbone_name(view: str) -> str:
+    return f"{BACKBONE_LAYER}_{view}"
+
+
+def _view_backbone(grader: keras.Model, view: str) -> keras.Model:
+    """The backbone of a view's crop: its own (`build_grader` ``own_backbone``), else the shared one."""
+    names = {layer.name for layer in grader.layers}
+    return grader.get_layer(own_backbone_name(view) if own_backbone_name(view) in names else BACKBONE_LAYER)
 
 
 def _grader_inputs(view_names, crop_size: int) -> dict:
@@ -435,11 +457,11 @@ def build_grader_gradcam_model(grader: keras.Model, view_name: str) -> keras.Mod
     view_names = grader_view_names(grader)
     if view_name not in view_names:
         raise ValueError(f"view {view_name!r} is not a grader input (views: {', '.join(view_names)})")
-    backbone = grader.get_layer(BACKBONE_LAYER)
+    backbones = [_view_backbone(grader, v) for v in view_names]
     head = {key: grader.get_layer(key) for key in _HEAD_LAYERS}
     inputs = _grader_inputs(view_names, int(grader.get_layer(view_names[0]).output.shape[1]))
     logits, feature_map = _grader_graph(
-        [inputs[v] for v in view_names], inputs[LEVEL_INPUT], backbone, head, tap=view_names.index(view_name)
+        [inputs[v] for v in view_names], inputs[LEVEL_INPUT], backbones, head, tap=view_names.index(view_name)
     )
     return keras.Model(inputs, [feature_map, logits], name=f"{grader.name}_gradcam_{view_name}")
 

@@ -498,7 +498,13 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     # Grad-CAM++ on the numpy crops (the same crops the in-graph LevelCrop takes).
     grader = find_grader(loaded.model)
     crops = crop_levels(views, level_xy, cfg)
+    if result.axial is not None:  # an axial model: its crops around the projected levels
+        crops[cfg.axial.name] = result.axial[1].astype(np.float32)
     condition_views = {condition: source_view(cfg, condition)[0] for condition in L.CONDITIONS}
+    if result.axial is not None:  # an axial model: subarticular maps on its axial crops
+        for condition in L.CONDITIONS:
+            if condition.endswith("subarticular_stenosis"):
+                condition_views[condition] = cfg.axial.name
     cams_fm, logits = grader_gradcams(grader, crops, condition_views, threshold)
     logits_cl = np.swapaxes(logits, 0, 1)  # [condition, level, 3]
     probs_check = 1.0 / (1.0 + np.exp(-logits_cl))
@@ -518,11 +524,28 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
     cams, peaks, slices, paths["gradcam"] = {}, {}, {}, {}
     target = L.THRESHOLDS[threshold].replace(">=", "\u2265 ")
     for ci, condition in enumerate(L.CONDITIONS):
+        cams[condition] = normalize_cams(upsample_cam(cams_fm[condition], cfg.crop_size))
+        peaks[condition] = np.full((L.N_LEVELS, 2), np.nan)
+        if condition_views[condition] != source_view(cfg, condition)[0]:
+            titles = [
+                _panel_title(level, grade_probs[ci, li], logits_cl[ci, li, threshold], predictions, target)
+                for li, level in enumerate(L.LEVELS)
+            ]
+            panels, slices[condition] = _axial_panels(result, cams[condition], peaks[condition], titles)
+            if not panels:
+                predictions["warnings"].append(f"no axial coverage: no Grad-CAM picture for {condition}")
+                continue
+            fig = gradcam_figure(
+                panels,
+                f"Study {study_id}: Grad-CAM++ for {L.CONDITION_TITLES[condition].lower()}",
+                f"target: logit of P(grade {target});  shown on each level's Axial T2 slice (the middle "
+                f"channel of {cfg.axial.name});  the grader saw it and its two neighbours",
+            )
+            paths["gradcam"][condition] = save_png(fig, out / f"gradcam_{condition}.png", dpi=90)
+            continue
         view, channel = source_view(cfg, condition)
         spec = next(v for v in cfg.views if v.name == view)
         series = study.series_by_description(spec.series_description)
-        cams[condition] = normalize_cams(upsample_cam(cams_fm[condition], cfg.crop_size))
-        peaks[condition] = np.full((L.N_LEVELS, 2), np.nan)
         if series is None or not info.get(view):
             predictions["warnings"].append(
                 f"no {spec.series_description} series: no Grad-CAM picture for {condition}"
@@ -542,25 +565,12 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
         panels = []
         for li, level in enumerate(L.LEVELS):
             affine = crop_to_source_affine(boxes[li], series, index, grid, cfg)
-            cam_src, coverage = cam_to_source(cams[condition][li], affine, image.shape)
-            last = cfg.crop_size - 1
-            corners = np.array([[0, 0], [last, 0], [last, last], [0, last]], dtype=np.float64)
-            box_src = corners @ affine[:, :2].T + affine[:, 2]
-            centre = np.array([last / 2, last / 2]) @ affine[:, :2].T + affine[:, 2]
-            cam_crop = cams[condition][li]
-            peak = None
-            if cam_crop.max() > 0:
-                i, j = np.unravel_index(int(np.argmax(cam_crop)), cam_crop.shape)
-                peak = np.array([j, i], dtype=np.float64) @ affine[:, :2].T + affine[:, 2]
-                peaks[condition][li] = peak
-            gp = grade_probs[ci, li]
-            g = int(np.argmax(gp))
-            p_target = float(1.0 / (1.0 + np.exp(-logits_cl[ci, li, threshold])))
-            name = grade_scale(predictions)[g]
-            title = f"{L.LEVEL_TITLES[level]}: {name} {gp[g]:.0%}\nP(grade {target}) = {p_target:.2f}"
-            if peak is None:
-                title += " (no positive evidence)"
-            panels.append(CamPanel(level, image, cam_src, coverage, box_src, centre, peak, title))
+            logit = logits_cl[ci, li, threshold]
+            title = _panel_title(level, grade_probs[ci, li], logit, predictions, target)
+            panel = _cam_panel(level, image, cams[condition][li], affine, title)
+            if panel.peak is not None:
+                peaks[condition][li] = panel.peak
+            panels.append(panel)
         fig = gradcam_figure(
             panels,
             f"Study {study_id}: Grad-CAM++ for {L.CONDITION_TITLES[condition].lower()}",
@@ -615,6 +625,53 @@ def explain_study(model_path, study_dir, out_dir, threshold: int = TARGET_THRESH
         "threshold_logits": logits_cl,
         "target_threshold": L.THRESHOLDS[threshold],
     }
+
+
+def _panel_title(level: str, gp, logit: float, predictions: dict, target: str) -> str:
+    g = int(np.argmax(gp))
+    p_target = float(1.0 / (1.0 + np.exp(-logit)))
+    name = grade_scale(predictions)[g]
+    return f"{L.LEVEL_TITLES[level]}: {name} {gp[g]:.0%}\nP(grade {target}) = {p_target:.2f}"
+
+
+def _cam_panel(level: str, image: np.ndarray, cam_crop: np.ndarray, affine: np.ndarray, title: str):
+    """One level's crop-space map warped onto ``image`` through ``affine`` (crop px -> source px)."""
+    cam_src, coverage = cam_to_source(cam_crop, affine, image.shape)
+    last = cam_crop.shape[0] - 1
+    corners = np.array([[0, 0], [last, 0], [last, last], [0, last]], dtype=np.float64)
+    box_src = corners @ affine[:, :2].T + affine[:, 2]
+    centre = np.array([last / 2, last / 2]) @ affine[:, :2].T + affine[:, 2]
+    peak = None
+    if cam_crop.max() > 0:
+        i, j = np.unravel_index(int(np.argmax(cam_crop)), cam_crop.shape)
+        peak = np.array([j, i], dtype=np.float64) @ affine[:, :2].T + affine[:, 2]
+    else:
+        title += " (no positive evidence)"
+    return CamPanel(level, image, cam_src, coverage, box_src, centre, peak, title)
+
+
+def _axial_panels(result, cams: np.ndarray, peaks: np.ndarray, titles: list[str]) -> tuple[list, dict]:
+    """An axial model's maps on each covered level's own Axial T2 slice (`axial.crop_to_slice_affine`
+    maps crop pixels onto it); ``peaks`` is filled in place. Returns (panels, cam_slices entry)."""
+    from lumbar_tf import axial
+
+    cfg = result.preprocess
+    by_id = {se.series_id: se for se in axial.axial_series(result.study)}
+    panels, instances = [], {}
+    for li, p in enumerate(result.axial[0]):
+        if not p.covered:
+            continue
+        se = by_id[p.series_id]
+        affine = axial.crop_to_slice_affine(
+            se.slices[p.slice_index], axial.slice_point_patient(se, p), cfg.axial.crop_mm, cfg.crop_size
+        )
+        panel = _cam_panel(p.level, slice_image(se, p.slice_index, cfg), cams[li], affine, titles[li])
+        if panel.peak is not None:
+            peaks[li] = panel.peak
+        panels.append(panel)
+        instances[p.level] = {"series_id": p.series_id, "instance_number": p.instance_number}
+    entry = {"view": cfg.axial.name, "channel": cfg.axial.neighbours, "series_description": "Axial T2"}
+    return panels, {**entry, "instances": instances, "slice": "axial slice through each level"}
 
 
 def _backbone_note(grader) -> str:

@@ -22,15 +22,30 @@ class LoadedModel:
     path: Path
     run_dir: Path | None
 
-    def predict_views(self, views: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, np.ndarray]:
-        """Views {name: [B, S, S, 3] uint8/float} -> the output contract's tensors as numpy."""
+    def predict_views(
+        self, views: dict[str, np.ndarray], batch_size: int = 8, axial: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Views {name: [B, S, S, 3] uint8/float} (and, for an axial model, its axial crops
+        ``[B, 5, S, S, 3]`` around the projection of this model's own ``level_xy``) -> the output
+        contract's tensors as numpy."""
         inputs = {name: np.asarray(views[name], np.float32) for name in self.preprocess.view_names}
+        if self.preprocess.axial is not None:
+            if axial is None:
+                raise ModelLoadError(
+                    f"{self.path}: an axial model needs its axial crops (run it through predict_study)"
+                )
+            inputs[self.preprocess.axial.name] = np.asarray(axial, np.float32)
         n = len(next(iter(inputs.values())))
         parts = [
             self.model({k: v[i : i + batch_size] for k, v in inputs.items()}, training=False)
             for i in range(0, n, batch_size)
         ]
         return {key: np.concatenate([np.asarray(p[key]) for p in parts]) for key in parts[0]}
+
+    def localize_views(self, views: dict[str, np.ndarray]) -> np.ndarray:
+        """The end-to-end model's own localiser on the localiser view -> ``level_xy`` ``[B, 5, 2]``."""
+        view = np.asarray(views[self.preprocess.localizer_view], np.float32)
+        return np.asarray(self.model.get_layer("localizer")(view, training=False))
 
 
 def resolve_model_file(path: str | Path) -> tuple[Path, Path | None]:
@@ -96,8 +111,11 @@ class KerasPredictor:
         self.prior_threshold_probs = run_prior(self.loaded.run_dir)
         self.quality_bounds = quality_bounds_of(self.loaded)
 
-    def predict_views(self, views: dict) -> dict:
-        return self.loaded.predict_views(views)
+    def predict_views(self, views: dict, axial=None) -> dict:
+        return self.loaded.predict_views(views, axial=axial)
+
+    def localize_views(self, views: dict):
+        return self.loaded.localize_views(views)
 
     def model_info(self) -> dict:
         return {"name": self.loaded.model.name, "version": None, "format": "keras"}

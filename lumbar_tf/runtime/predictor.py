@@ -11,7 +11,10 @@ A *predictor* is anything with:
   (`core.labels.semantics_or_default`: presence is P(>=1) with fine grades, else P(>=2));
 - ``predict_views(views) -> {"threshold_probs" [B,5,5,3], "level_xy" [B,5,2], ...}`` on model-ready
   views ``{name: [B, S, S, 3]}`` (0-255);
-- ``model_info() -> {"name", "version", "format"}``.
+- ``model_info() -> {"name", "version", "format"}``;
+- for an axial model (``preprocess.axial`` set) also ``localize_views(views) -> level_xy [B,5,2]``,
+  and ``predict_views(views, axial=[B,5,S,S,3])``: the axial crops depend on where the levels are,
+  so the study takes two calls, localise then grade, with `lumbar_tf.axial` (numpy) between them.
 
 The adapters are thin: `keras_model.KerasPredictor`, `saved_model.SavedModelPredictor`,
 `tflite_model.EdgeModel` and `serving.predictor.ServingPredictor` (gRPC or REST). `predict_study`
@@ -28,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lumbar_tf import preprocess
+from lumbar_tf import axial, preprocess
 from lumbar_tf.core.config import PreprocessConfig
 from lumbar_tf.dicom.reader import DicomError, Series, Study, read_series_descriptions, read_study
 from lumbar_tf.runtime import predictions, quality
@@ -54,6 +57,7 @@ class StudyResult:
     grid: preprocess.ViewGrid
     view_instances: dict  # view name -> instance numbers of its three channels
     preprocess: PreprocessConfig
+    axial: tuple | None = None  # an axial model's (projections, crops [5, S, S, 3] uint8)
 
     @property
     def threshold_probs(self) -> np.ndarray:
@@ -137,20 +141,72 @@ def predict_study(
         study = read_study(study_dir, series_descriptions)
     views, grid, info, warnings = preprocess.build_views(study, cfg)
     batch = {name: np.asarray(views[name])[None] for name in cfg.view_names}
-    outputs = {k: np.asarray(v) for k, v in predictor.predict_views(batch).items()}
+    if cfg.axial is None:
+        raw = predictor.predict_views(batch)
+    else:
+        projections, crops = axial_inputs(predictor, study, batch, grid, info)
+        raw = predictor.predict_views(batch, axial=crops[None])
+    outputs = {k: np.asarray(v) for k, v in raw.items()}
     _check_outputs(outputs, predictor)
-    return study_result(predictor, study, (views, grid, info, warnings), outputs, study_id=study_id)
+    if cfg.axial is None:
+        return study_result(predictor, study, (views, grid, info, warnings), outputs, study_id=study_id)
+    built = (views, grid, info, warnings)
+    return study_result(predictor, study, built, outputs, study_id=study_id, axial=(projections, crops))
 
 
-def study_result(predictor, study: Study, built: tuple, outputs: dict, *, study_id=None) -> StudyResult:
+def axial_inputs(predictor, study: Study, batch: dict, grid, info: dict):
+    """Localise, project the predicted levels onto the study's Axial T2 series, crop: the axial
+    model's ``(projections, crops [5, S, S, 2n+1] uint8)``; uncovered levels are zeros."""
+    cfg = predictor.preprocess
+    a = cfg.axial
+    level_xy = np.asarray(predictor.localize_views(batch))[0]
+    points = axial.level_points_patient(study, grid, info, level_xy, cfg)
+    series = axial.axial_series(study)
+    projections = axial.project_levels(points, series, snap_mm=axial.DISC_SNAP_MM)
+    crops = axial.axial_crops(
+        series, projections, cfg, crop_mm=a.crop_mm, size=cfg.crop_size, neighbours=a.neighbours
+    )
+    return projections, crops
+
+
+def _axial_entries(projections, warnings: list) -> tuple[list[dict], str | None]:
+    """predictions.json's ``axial`` (one entry per level) and the series used; a warning per level
+    the axial series does not cover (it is graded from the sagittal views alone)."""
+    entries = []
+    for p in projections:
+        if not p.covered:
+            warnings.append(f"{p.level}: no axial coverage ({p.reason}); graded from the sagittal views only")
+        entries.append(
+            {
+                "level": p.level,
+                "covered": bool(p.covered),
+                "series_id": p.series_id if p.covered else None,
+                "instance_number": p.instance_number if p.covered else None,
+                "x": float(p.x_px) if p.covered else None,
+                "y": float(p.y_px) if p.covered else None,
+                "distance_mm": float(p.distance_mm) if p.covered else None,
+            }
+        )
+    used = [e["series_id"] for e in entries if e["covered"]]
+    return entries, (max(set(used), key=used.count) if used else None)
+
+
+def study_result(
+    predictor, study: Study, built: tuple, outputs: dict, *, study_id=None, axial=None
+) -> StudyResult:
     """predictions.json from the model's ``outputs`` (batch of one) for views ``built`` by
     `preprocess.build_views`; `predict_study`'s second half, for callers that batch studies
-    (`runtime.beam_predict`). ``predictor`` needs only ``preprocess``, ``fine_grades``, ``model_info``."""
+    (`runtime.beam_predict`). ``predictor`` needs only ``preprocess``, ``fine_grades``, ``model_info``;
+    ``axial``: an axial model's ``(projections, crops)`` (`axial_inputs`)."""
     cfg = predictor.preprocess
     views, grid, info, warnings = built
     warnings = list(warnings)
     level_xy = outputs["level_xy"][0]
     positions = predictions.level_positions_from_views(study, grid, info, level_xy, cfg, warnings)
+    series = {k: None if v is None else v.series_id for k, v in preprocess.view_series(study, cfg).items()}
+    axial_entries = None
+    if cfg.axial is not None:
+        axial_entries, series[cfg.axial.name] = _axial_entries(axial[0], warnings)
     qc = quality.assess(
         level_xy,
         grid.spine_crop_mm,
@@ -165,7 +221,9 @@ def study_result(predictor, study: Study, built: tuple, outputs: dict, *, study_
         level_positions=positions,
         warnings=warnings,
         label_semantics=getattr(predictor, "label_semantics", None),
-        series={k: None if v is None else v.series_id for k, v in preprocess.view_series(study, cfg).items()},
+        series=series,
         quality=qc,
     )
-    return StudyResult(preds, study, outputs, views, grid, info, cfg)
+    if axial_entries is not None:
+        preds["axial"] = axial_entries
+    return StudyResult(preds, study, outputs, views, grid, info, cfg, axial)

@@ -715,7 +715,10 @@ class Phantom:
         sc, s, d, lat, al, wall, cs = self.scale, f.s, f.d, f.l, f.al, f.wall, f.canal_scale
         dep = self.canal_depth(al) * cs
         central, left, right = f.narrowing
-        ro, rw = self.recess_offset, 3.9 * sc
+        # Recess closure ~2.8 mm wide each side of its centre (was 3.9): clear on the axial slices
+        # through the disc, on a paramedian sagittal slice only when it falls within ~2.5 mm of the
+        # recess, as in patients (benchmarks/axial_ablation_results.md, issue 11).
+        ro, rw = self.recess_offset, 2.8 * sc
         closed_frac = (
             central * np.exp(-((lat * (1.0 / (8.0 * sc))) ** 4))  # reaches the recesses a little (~0.2)
             + left * np.exp(-(((lat - ro) * (1.0 / rw)) ** 6))

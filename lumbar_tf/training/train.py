@@ -196,7 +196,10 @@ def localizer_errors_mm(model, studies: dict, cfg: Config) -> np.ndarray:
     return err[studies["level_present"] > 0.5]
 
 
-def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_callbacks=()):
+def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_callbacks=(), axial=True):
+    """Fit the grader; ``axial=False`` leaves a config's axial view out (the ablation,
+    `benchmarks/axial_ablation.py`: same cache, same budget, sagittal crops only)."""
+    from lumbar_tf.models.end_to_end import grader_input_names
     from lumbar_tf.models.losses import OrdinalFocalLoss
     from lumbar_tf.models.networks import build_grader
 
@@ -212,10 +215,13 @@ def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_ca
         training=True,
         jitter_mm=jitter_mm,
         seed=cfg.train.seed,
+        axial=axial,
     )
-    val_ds = grader_dataset(cache, p, val_ids, batch_size=stage.batch_size, training=False)
+    val_ds = grader_dataset(cache, p, val_ids, batch_size=stage.batch_size, training=False, axial=axial)
+    names = grader_input_names(p) if axial else p.view_names
     with distribution_scope():
-        model = build_grader(p.crop_size, p.view_names, cfg.model)
+        own = (p.axial.name,) if axial and p.axial is not None else ()
+        model = build_grader(p.crop_size, names, cfg.model, own_backbone=own)
         model.compile(
             optimizer=make_optimizer(stage, steps),
             loss=OrdinalFocalLoss.from_loss_config(cfg.train.loss),
