@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+# The fast suite runs on pytest-xdist workers (one per core here); its shared fixtures are built once
+# across workers (tests/conftest.py `_built_once`).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-slow lint bench fuzz clean
 
@@ -19,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/lumbar-tf demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --durations=15

@@ -6,7 +6,11 @@ Test data is generated here, never committed. Sizes are tiny so the default suit
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -52,6 +56,27 @@ def spy_decodes(monkeypatch):
     return decoded
 
 
+@contextlib.contextmanager
+def _built_once(tmp_path_factory, name: str):
+    """A folder built once per test run, also when pytest-xdist runs several workers: they share
+    the parent of their base temps, and the first to take the lock builds while the others wait.
+
+    Yields ``(folder, built)``; the caller builds into ``folder`` when ``built`` is False. A build
+    that raised leaves no marker, so the next worker starts it afresh.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, marker = root / f"shared_{name}", root / f"shared_{name}.built"
+    with open(root / f"shared_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = marker.exists()
+        if not built and folder.exists():
+            shutil.rmtree(folder)
+        yield folder, built
+        marker.touch()
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
     """Twelve phantom studies in the RSNA layout (read-only for tests: copy before damaging).
@@ -62,7 +87,10 @@ def phantom_dir(tmp_path_factory):
     """
     from lumbar_tf.synthetic.phantom import synthesize_dataset
 
-    return synthesize_dataset(tmp_path_factory.mktemp("phantom"), 12, seed=7, acquisition="centred")
+    with _built_once(tmp_path_factory, "phantom") as (folder, built):
+        if not built:
+            synthesize_dataset(folder, 12, seed=7, acquisition="centred")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +104,9 @@ def tiny_config():
 def phantom_cache(phantom_dir, tiny_config, tmp_path_factory):
     from lumbar_tf.data.dataset import prepare_cache
 
-    cache = tmp_path_factory.mktemp("cache")
-    prepare_cache(phantom_dir, cache, tiny_config.preprocess, workers=2, progress=False)
+    with _built_once(tmp_path_factory, "cache") as (cache, built):
+        if not built:
+            prepare_cache(phantom_dir, cache, tiny_config.preprocess, workers=2, progress=False)
     return cache
 
 
@@ -86,32 +115,32 @@ def tiny_run(phantom_dir, phantom_cache, tmp_path_factory):
     """A finished run of both stages at tiny size (weights are meaningless, shapes are real)."""
     from lumbar_tf.training.train import train
 
-    run = tmp_path_factory.mktemp("run") / "run"
-    return train(phantom_dir, run, overrides=TINY_OVERRIDES, cache_dir=phantom_cache)
+    with _built_once(tmp_path_factory, "run") as (folder, built):
+        if not built:
+            train(phantom_dir, folder / "run", overrides=TINY_OVERRIDES, cache_dir=phantom_cache)
+    return folder / "run"
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tiny_run, phantom_cache, phantom_dir):
+def tiny_export(tiny_run, phantom_cache, phantom_dir, tmp_path_factory):
     """The tiny run exported once per session: SavedModel, four TFLite variants, held-out AUC.
 
     Its weights are meaningless, so a quantized variant may well miss the AUC floor: the fixture
     publishes every variant (``allow_degraded``); the gate has its own test in test_export.py.
     """
-    from pathlib import Path
-
     from lumbar_tf.export.job import export_model
 
-    out = Path(tiny_run).parent / "shared_export"
-    if not (out / "export_report.json").exists():
-        export_model(
-            tiny_run,
-            out,
-            cache_dir=phantom_cache,
-            data_dir=phantom_dir,
-            representative_size=6,
-            allow_degraded=True,
-            progress=False,
-        )
+    with _built_once(tmp_path_factory, "export") as (out, built):
+        if not built:
+            export_model(
+                tiny_run,
+                out,
+                cache_dir=phantom_cache,
+                data_dir=phantom_dir,
+                representative_size=6,
+                allow_degraded=True,
+                progress=False,
+            )
     return out
 
 
@@ -121,7 +150,6 @@ def rsna_resumed_run(phantom_dir, tmp_path_factory):
     middle of the localiser's second epoch and resumed to the end: one training serves the
     label-semantics tests and the resume test. ``killed`` is what the run folder held after the kill.
     """
-    import shutil
     from types import SimpleNamespace
 
     import keras
@@ -138,19 +166,21 @@ def rsna_resumed_run(phantom_dir, tmp_path_factory):
             if self.epoch == 1 and batch == 0:
                 raise KeyboardInterrupt("killed")
 
-    root = tmp_path_factory.mktemp("rsna")
-    data = root / "data"
-    shutil.copytree(phantom_dir, data, ignore=shutil.ignore_patterns("train_grades.csv"))
-    run = root / "run"
-    overrides = [*TINY_OVERRIDES, "train.localizer.epochs=3", "train.grader.epochs=1"]
-    with pytest.raises(KeyboardInterrupt):
-        train(data, run, overrides=overrides, stage="localizer", extra_callbacks=[Kill()])
-    killed = {
-        "backup": (run / "backup" / "localizer").exists(),
-        "finished": (run / "finished.json").exists(),
-        "history": (run / "history" / "localizer.csv").read_text(),
-    }
-    train(data, run, resume=True)  # the run's own config.yaml; its cache, prepared before the kill
+    with _built_once(tmp_path_factory, "rsna") as (root, built):
+        data, run = root / "data", root / "run"
+        if not built:
+            shutil.copytree(phantom_dir, data, ignore=shutil.ignore_patterns("train_grades.csv"))
+            overrides = [*TINY_OVERRIDES, "train.localizer.epochs=3", "train.grader.epochs=1"]
+            with pytest.raises(KeyboardInterrupt):
+                train(data, run, overrides=overrides, stage="localizer", extra_callbacks=[Kill()])
+            killed = {
+                "backup": (run / "backup" / "localizer").exists(),
+                "finished": (run / "finished.json").exists(),
+                "history": (run / "history" / "localizer.csv").read_text(),
+            }
+            (root / "killed.json").write_text(json.dumps(killed))
+            train(data, run, resume=True)  # the run's own config.yaml; its cache, prepared before the kill
+        killed = json.loads((root / "killed.json").read_text())
     return SimpleNamespace(data=data, run=run, killed=killed)
 
 

@@ -71,14 +71,19 @@ def _versions() -> dict:
 
 def channel_meaning(spec) -> list[str]:
     """One sentence per channel of a view: which slice of which series it holds."""
+    # The midline is the plane `preprocess.find_spine` finds in the image, not the stack centre;
+    # learned offsets (`offsets: labels`) are already resolved to numbers in a trained model's config.
+    how = "learned from the labelled instances" if spec.offsets in ("labels", "learned") else "fixed"
     out = []
     for offset in spec.offsets_mm:
         if abs(offset) < 1e-6:
-            where = "midline"
-        else:
-            side = "patient left" if offset > 0 else "patient right"
-            where = f"{abs(offset):g} mm to the {side}"
-        out.append(f"{spec.series_description} slice nearest {where} of the stack centre")
+            out.append(f"{spec.series_description} slice nearest the midline found in the image")
+            continue
+        side = "patient left" if offset > 0 else "patient right"
+        out.append(
+            f"{spec.series_description} slice nearest {abs(offset):.1f} mm to the {side} of the "
+            f"midline found in the image (offset {how})"
+        )
     return out
 
 
