@@ -12,7 +12,7 @@ or implicit VR little endian, native (uncompressed) pixel data with a defined le
 defined or undefined length before it. Anything else (deflate, big endian, encapsulated pixel
 data, non-ASCII text in a wanted tag, a truncated or odd file) returns None and the caller reads
 the file with pydicom, which also words the error for a bad file. So this is only ever a shortcut,
-never a second opinion: `tests/test_dicom_scan.py` checks it against pydicom.
+never a second opinion: `tests/dicom/test_dicom_scan.py` checks it against pydicom.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from lumbar_tf.dicom.reader import decode_instance, read_instance_header
 from tests.fuzz.fuzz_inputs import Target, run_mutations, write_seeds
 from tests.hostile_files import valid_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_seeded_mutations_raise_only_one_line_bad_input_errors(tmp_path):

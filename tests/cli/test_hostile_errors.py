@@ -17,7 +17,7 @@ import pytest
 
 from lumbar_tf.data.dataset import read_index
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, prefix=(), preexec=None):

@@ -61,7 +61,7 @@ def test_picture_of_a_study(phantom_dir, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# (A slice of another size is no bad file: it is dropped with a warning, tests/test_views.py.)
+# (A slice of another size is no bad file: it is dropped with a warning, tests/preprocess/test_views.py.)
 @pytest.mark.parametrize("damage", ["truncated", "not_dicom", "no_pixels"])
 def test_single_study_command_reports_bad_file_in_one_line(phantom_dir, tmp_path, damage):
     import pydicom

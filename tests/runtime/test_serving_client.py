@@ -56,7 +56,7 @@ def predict_study(client, study_dir, *, metadata):
     return predict_study_with(ServingPredictor(client, metadata), study_dir).predictions
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVING = REPO / "serving"
 VIEW_SIZE = 32
 MODEL = "lumbar_spine"

@@ -74,7 +74,7 @@ def test_two_workers_on_localhost_hold_the_same_weights(phantom_dir, phantom_cac
             TMPDIR=str(temp),
             KERAS_BACKEND="tensorflow",
             CUDA_VISIBLE_DEVICES="",
-            PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+            PYTHONPATH=str(Path(__file__).resolve().parents[2]),
         )
         args = [sys.executable, "-c", WORKER, str(phantom_dir), str(run), str(tmp_path / f"w{index}")]
         procs.append(

@@ -4,7 +4,7 @@ import pytest
 
 from lumbar_tf.core.config import ConfigError, load_config, save_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "lumbar_tf" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "lumbar_tf" / "configs"
 
 
 @pytest.mark.parametrize("name", ["cpu_demo.yaml", "gpu_effnetb3.yaml"])

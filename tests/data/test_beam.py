@@ -77,7 +77,7 @@ def test_cluster_options_given_as_raw_beam_args_count():
 @pytest.fixture(scope="module")
 def mixed_test_folder(phantom_dir, tmp_path_factory):
     """A test-layout folder: three good studies, one without sagittal series, one of broken files."""
-    from tests.test_predict import copy_study_without
+    from tests.runtime.test_predict import copy_study_without
 
     root = tmp_path_factory.mktemp("beamtest")
     images = root / "test_images"

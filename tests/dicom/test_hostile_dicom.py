@@ -19,7 +19,7 @@ from lumbar_tf.dicom.reader import ReadLimits, read_instance_header, read_series
 from tests import hostile_files as H
 from tests.dicom_factory import SAGITTAL_IOP, SeriesSpec, write_series, write_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

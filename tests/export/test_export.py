@@ -18,7 +18,7 @@ import pytest
 
 from lumbar_tf.core import labels
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAME = "lumbar_spine"
 
 

@@ -136,7 +136,7 @@ def test_predict_study_localises_projects_and_grades(axial_model_file, phantom_d
     from lumbar_tf.export.job import export_model
     from lumbar_tf.runtime.keras_model import KerasPredictor
     from lumbar_tf.runtime.predictor import predict_study
-    from tests.test_predict import copy_study_without
+    from tests.runtime.test_predict import copy_study_without
 
     predictor = KerasPredictor(axial_model_file)
     study_dir = sorted((phantom_dir / "train_images").iterdir())[0]
@@ -181,7 +181,7 @@ def test_tablet_modules_still_import_no_tensorflow():
         "import sys, lumbar_tf.runtime.predictor, lumbar_tf.axial, lumbar_tf.core.config;"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCE_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "README.md")
 
 

@@ -154,7 +154,7 @@ def test_a_killed_re_prepare_leaves_the_old_cache_whole(
     prepare_cache(root, cache, cfg, workers=1, progress=False, shards=2)
     before = dataset.load_studies(cache, cfg)
     manifest_bytes = (cache / "manifest.json").read_bytes()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(
         [sys.executable, "-c", _PREPARE_SLOWLY, str(root), str(cache), *TINY_OVERRIDES],
         stdout=subprocess.PIPE,
@@ -199,7 +199,7 @@ def test_prepare_cli_goes_on_past_bombs_and_links(phantom_dir, tmp_path):
     shutil.rmtree(images / linked)
     (images / linked).symlink_to(extra, target_is_directory=True)
     cache = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(
         [sys.executable, "-m", "lumbar_tf.cli.main", "prepare", "--data", str(root), "--out", str(cache)]
         + ["--workers", "2", *TINY_OVERRIDES],
