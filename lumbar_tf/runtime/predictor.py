@@ -142,16 +142,14 @@ def predict_study(
     views, grid, info, warnings = preprocess.build_views(study, cfg)
     batch = {name: np.asarray(views[name])[None] for name in cfg.view_names}
     if cfg.axial is None:
-        raw = predictor.predict_views(batch)
+        axial_in, raw = None, predictor.predict_views(batch)
     else:
-        projections, crops = axial_inputs(predictor, study, batch, grid, info)
-        raw = predictor.predict_views(batch, axial=crops[None])
+        axial_in = axial_inputs(predictor, study, batch, grid, info)  # (projections, crops)
+        raw = predictor.predict_views(batch, axial=axial_in[1][None])
     outputs = {k: np.asarray(v) for k, v in raw.items()}
     _check_outputs(outputs, predictor)
-    if cfg.axial is None:
-        return study_result(predictor, study, (views, grid, info, warnings), outputs, study_id=study_id)
     built = (views, grid, info, warnings)
-    return study_result(predictor, study, built, outputs, study_id=study_id, axial=(projections, crops))
+    return study_result(predictor, study, built, outputs, study_id=study_id, axial=axial_in)
 
 
 def axial_inputs(predictor, study: Study, batch: dict, grid, info: dict):
