@@ -22,7 +22,9 @@ slice orientation (sagittal / axial from the slice normal) and the SeriesDescrip
 of the stack, then field area, then slice count; ties: the first in series-id order); the other goes to
 `Study.extra` with a warning naming both. Unusable series are set aside the same way, with a warning:
 a series whose slices do not lie in the plane its description names, or with a single slice. Within a
-series, slices of another size than most and slices at a duplicated position are dropped (warned).
+series, a slice of another size than most is resampled onto the series' matrix where it covers the same
+field (`_resampled_header`; its geometry stays exact), else dropped; slices at a duplicated position are
+dropped (warned).
 Warnings name series ids only (never paths or header text): they end up in predictions.json.
 """
 
@@ -39,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -169,6 +172,9 @@ class SliceHeader:
     rows: int
     cols: int
     native: NativePixels | None = None  # set where the fast header scan located native pixels
+    # (rows, cols) in the file where decoding resamples the slice to (rows, cols) (another size than
+    # its series, same field: `_resampled_header`); the geometry above is then the resampled one.
+    file_shape: tuple[int, int] | None = None
 
     @functools.cached_property
     def normal(self) -> np.ndarray:
@@ -179,6 +185,15 @@ class SliceHeader:
     def center(self) -> np.ndarray:
         """Patient position of the centre of the field of view."""
         return self.pixel_to_patient(((self.cols - 1) / 2, (self.rows - 1) / 2))
+
+    def file_px_to_px(self, xy) -> np.ndarray:
+        """(column, row) in the file's own matrix ``[..., 2]`` (label coordinates) -> in this header's
+        (they differ only for a resampled slice, `file_shape`)."""
+        xy = np.asarray(xy, dtype=np.float64)
+        if self.file_shape is None:
+            return xy
+        scale = np.array([self.cols / self.file_shape[1], self.rows / self.file_shape[0]])
+        return (xy + 0.5) * scale - 0.5
 
     def pixel_to_patient(self, xy) -> np.ndarray:
         """(column, row) pixel coordinates ``[..., 2]`` -> LPS mm ``[..., 3]``."""
@@ -660,7 +675,8 @@ def _read_native(header: SliceHeader) -> np.ndarray:
     """Stored values of an uncompressed slice, read from their offset (as pydicom decodes them:
     bits above BitsStored dropped, signed values sign-extended)."""
     native, path = header.native, header.path
-    count = header.rows * header.cols
+    rows, cols = header.file_shape or (header.rows, header.cols)
+    count = rows * cols
     try:
         words = np.fromfile(path, dtype=native.dtype, count=count, offset=native.offset)
     except OSError as exc:
@@ -676,7 +692,7 @@ def _read_native(header: SliceHeader) -> np.ndarray:
             words = ((low ^ sign).astype(np.int32) - int(sign)).astype(words.dtype)
         else:
             words = low
-    return words.reshape(header.rows, header.cols)
+    return words.reshape(rows, cols)
 
 
 def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
@@ -686,7 +702,7 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
     values (MONOCHROME1 inverted) and the map is None.
     """
     if header.native is not None:
-        return _read_native(header), header.native.modality
+        return _resample(_read_native(header), header), header.native.modality
     path = header.path
     try:
         ds = pydicom.dcmread(path)
@@ -702,20 +718,40 @@ def decode_stored(header: SliceHeader) -> tuple[np.ndarray, ModalityMap | None]:
         ts = ds.file_meta.get("TransferSyntaxUID", "?")
         name = getattr(ts, "name", ts)
         raise DicomError(path, f"cannot decode pixel data ({name}): {_why(exc)}") from None
-    if arr.shape != (header.rows, header.cols):
-        raise DicomError(path, f"decoded shape {arr.shape} != {(header.rows, header.cols)}")
+    expected = header.file_shape or (header.rows, header.cols)
+    if arr.shape != expected:
+        raise DicomError(path, f"decoded shape {arr.shape} != {expected}")
     try:
         if "ModalityLUTSequence" not in ds:
-            return arr, _modality_map(ds, path)
+            return _resample(arr, header), _modality_map(ds, path)
         out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
         if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
             mapped = apply_modality_lut(_stored_range(ds), ds)
             out = np.float32(float(np.min(mapped)) + float(np.max(mapped))) - out
-        return out, None
+        return _resample(out, header), None
     except DicomError:
         raise
     except Exception as exc:  # a corrupt rescale or LUT value
         raise DicomError(path, f"corrupt modality LUT ({_why(exc)})") from None
+
+
+def _resample(values: np.ndarray, header: SliceHeader) -> np.ndarray:
+    """A slice's values on its header's matrix: unchanged unless it is resampled (`file_shape`).
+
+    Field edges aligned (pixel centres at half-pixel offsets, cv2's convention); linear up, area
+    average down. Stored integers stay integers: the modality maps are affine, so resampling them
+    first gives the modality values' resampling (to a rounding)."""
+    if header.file_shape is None:
+        return values
+    shrink = header.rows * header.cols < values.size
+    flags = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    if values.dtype in (np.uint8, np.uint16, np.int16, np.float32):
+        return cv2.resize(values, (header.cols, header.rows), interpolation=flags)
+    out = cv2.resize(values.astype(np.float32), (header.cols, header.rows), interpolation=flags)
+    if values.dtype.kind in "iu":
+        info = np.iinfo(values.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(values.dtype)
 
 
 def decode_instance(header: SliceHeader) -> np.ndarray:
@@ -827,21 +863,36 @@ def _series_folders(study_dir: Path, warn: list[str]) -> list[Path]:
 def _build_series(series_id: str, headers: list[SliceHeader], dicom_description: str) -> Series:
     """Headers of one series -> Series ordered along the normal.
 
-    Slices of another size than most (ties: the larger matrix) and slices at a position another
-    slice already holds (the lower instance number is kept) are dropped with a warning.
+    A slice of another size than most (ties: the larger matrix) is resampled onto that matrix where
+    it covers the same field (`_resampled_header`), else dropped; of slices at one position the
+    lower instance number is kept. Each is warned.
     """
     notes: list[str] = []
     sizes = {(h.rows, h.cols) for h in headers}
     if len(sizes) > 1:
         counts = {s: sum((h.rows, h.cols) == s for h in headers) for s in sizes}
         common = max(sorted(sizes), key=lambda s: (counts[s], s[0] * s[1]))
-        odd = [h for h in headers if (h.rows, h.cols) != common]
-        headers = [h for h in headers if (h.rows, h.cols) == common]
-        shapes = ", ".join(sorted({f"{h.rows}x{h.cols}" for h in odd}))
-        notes.append(
-            f"series {series_id}: dropped {len(odd)} slice(s) of {shapes} "
-            f"(the series' slices are {common[0]}x{common[1]})"
-        )
+        usual = [h for h in headers if (h.rows, h.cols) == common]
+        kept, resampled, odd = [], [], []
+        for h in headers:
+            if (h.rows, h.cols) == common:
+                kept.append(h)
+                continue
+            fitted = _resampled_header(h, usual)
+            (odd if fitted is None else resampled).append(h)
+            if fitted is not None:
+                kept.append(fitted)
+        headers = kept
+        for verb, group, how in (
+            ("resampled", resampled, ", the same field of view"),
+            ("dropped", odd, ""),
+        ):
+            if group:
+                shapes = ", ".join(sorted({f"{h.rows}x{h.cols}" for h in group}))
+                notes.append(
+                    f"series {series_id}: {verb} {len(group)} slice(s) of {shapes} "
+                    f"(the series' slices are {common[0]}x{common[1]}{how})"
+                )
     normals = np.array([h.normal for h in headers])
     normals *= np.sign(normals @ normals[0])[:, None]  # align signs before averaging
     normal = normals.mean(axis=0)
@@ -865,6 +916,45 @@ def _build_series(series_id: str, headers: list[SliceHeader], dicom_description:
         normal=normal,
         dicom_description=dicom_description,
         warnings=notes,
+    )
+
+
+# A slice of another matrix is resampled only where it covers its series' field: the field size
+# (PixelSpacing x matrix) and its corner within this share of the field (at least 1 mm), and the
+# same orientation within this cosine (about 1 degree).
+FIELD_TOLERANCE = 0.01
+ORIENTATION_COS = 0.9998
+
+
+def _resampled_header(h: SliceHeader, usual: list[SliceHeader]) -> SliceHeader | None:
+    """``h`` resampled onto the matrix of ``usual`` (its series' slices), or None where it covers
+    another field. The new geometry is exact: the slice's own field (its own PixelSpacing x matrix)
+    cut into the series' matrix, so a point lands where it did in the file."""
+    ref = min(usual, key=lambda u: abs((h.position - u.position) @ u.normal))
+    if min(h.row_dir @ ref.row_dir, h.col_dir @ ref.col_dir) < ORIENTATION_COS:
+        return None
+    (h_row_mm, h_col_mm), (r_row_mm, r_col_mm) = h.pixel_spacing, ref.pixel_spacing
+    height, width = h.rows * h_row_mm, h.cols * h_col_mm
+    tol = max(1.0, FIELD_TOLERANCE * max(height, width))
+    if abs(height - ref.rows * r_row_mm) > tol or abs(width - ref.cols * r_col_mm) > tol:
+        return None
+    corner = h.position - 0.5 * (h_col_mm * h.row_dir + h_row_mm * h.col_dir)
+    ref_corner = ref.position - 0.5 * (r_col_mm * ref.row_dir + r_row_mm * ref.col_dir)
+    offset = corner - ref_corner
+    if np.linalg.norm(offset - (offset @ ref.normal) * ref.normal) > tol:
+        return None
+    spacing = (height / ref.rows, width / ref.cols)
+    return SliceHeader(
+        path=h.path,
+        instance_number=h.instance_number,
+        position=corner + 0.5 * (spacing[1] * h.row_dir + spacing[0] * h.col_dir),
+        row_dir=h.row_dir,
+        col_dir=h.col_dir,
+        pixel_spacing=spacing,
+        rows=ref.rows,
+        cols=ref.cols,
+        native=h.native,
+        file_shape=(h.rows, h.cols),
     )
 
 

@@ -7,6 +7,7 @@ Every study here is written as real DICOM by `tests/dicom_factory.py` from a dra
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -211,18 +212,68 @@ def test_two_t2_series_labels_on_the_smaller_one_are_kept(tmp_path):
     np.testing.assert_allclose(record["level_xy"], xy, atol=0.02)  # both grids land on the same spine
 
 
-def test_a_slice_of_another_size_is_dropped_not_the_study(tmp_path):
+@pytest.mark.parametrize("same_field", [True, False])
+def test_a_slice_of_another_size_is_resampled_or_dropped_not_the_study(tmp_path, same_field):
+    """The midline T2 slice rewritten at 256x256: over the same 340 mm field (PixelSpacing doubled,
+    the first pixel's centre moved to the new grid) it is resampled and kept, and the view shows it
+    where the 512 slice was; over another field (170 mm) it is dropped. The study predicts either way."""
     study_dir, spine, _ = _low_spine_study(tmp_path, "6")
-    odd = sorted((study_dir / "11").iterdir())[3]
+    before = build_views(read_study(study_dir), CFG)[0]["sag_t2"]
+    files = sorted((study_dir / "11").iterdir())
+    odd = min(files, key=lambda f: abs(float(pydicom.dcmread(f).ImagePositionPatient[0]) - spine.x_mid))
     ds = pydicom.dcmread(odd)
+    pixels = ds.pixel_array.astype(np.float64)
     ds.Rows, ds.Columns = 256, 256
-    ds.PixelData = np.zeros((256, 256), "<u2").tobytes()
+    ds.PixelData = pixels.reshape(256, 2, 256, 2).mean(axis=(1, 3)).round().astype("<u2").tobytes()
+    if same_field:
+        spacing = [float(v) for v in ds.PixelSpacing]
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        shift = 0.5 * (spacing[1] * iop[:3] + spacing[0] * iop[3:])  # half an old pixel along both
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.array(ds.ImagePositionPatient, float) + shift]
+        ds.PixelSpacing = [2 * v for v in spacing]
     ds.save_as(odd)
     study = read_study(study_dir)
-    views, grid, _, warnings = build_views(study, CFG)
-    assert len(study.series[SAGITTAL_T2].slices) == 14
-    assert "series 11: dropped 1 slice(s) of 256x256 (the series' slices are 512x512)" in warnings
+    t2 = study.series[SAGITTAL_T2]
+    views, grid, info, warnings = build_views(study, CFG)
+    if same_field:
+        assert len(t2.slices) == 15
+        assert (
+            "series 11: resampled 1 slice(s) of 256x256 (the series' slices are 512x512, "
+            "the same field of view)" in warnings
+        )
+        header = t2.slices[t2.index_of_instance(int(ds.InstanceNumber))]
+        neighbour = t2.slices[t2.index_of_instance(int(ds.InstanceNumber)) - 1]
+        assert (header.rows, header.cols, header.pixel_spacing) == (512, 512, neighbour.pixel_spacing)
+        corners = np.array([[0.0, 0.0], [511.0, 511.0]])
+        assert np.allclose(
+            header.pixel_to_patient(corners)[:, 1:], neighbour.pixel_to_patient(corners)[:, 1:], atol=1e-3
+        )
+        assert np.allclose(header.file_px_to_px([[0.0, 0.0], [255.0, 255.0]]), [[0.5, 0.5], [510.5, 510.5]])
+        assert int(ds.InstanceNumber) == info["sag_t2"][1]  # the resampled slice is the midline channel
+        # Decoded, it is the 512 slice at half resolution, aligned: no one-pixel shift matches better.
+        resampled = t2.load_pixels([t2.index_of_instance(int(ds.InstanceNumber))])[0][4:-4, 4:-4]
+        misfit = {
+            (dy, dx): np.abs(np.roll(pixels, (dy, dx), (0, 1))[4:-4, 4:-4] - resampled).mean()
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        }
+        assert min(misfit, key=misfit.get) == (0, 0), misfit
+        # And the view's midline channel shows it where the 512 slice was (another slice: r ~ 0.5).
+        blur = [
+            cv2.GaussianBlur(v[..., 1].astype(np.float32), (0, 0), 2).ravel()
+            for v in (before, views["sag_t2"])
+        ]
+        assert np.corrcoef(*blur)[0, 1] > 0.98
+    else:
+        assert len(t2.slices) == 14
+        assert "series 11: dropped 1 slice(s) of 256x256 (the series' slices are 512x512)" in warnings
+        assert int(ds.InstanceNumber) not in t2.instance_numbers
     _inside(grid, spine.canal_points())
+    predictor = _PerfectLocaliser(CFG, spine.canal_points())
+    predictor.grid = grid
+    preds = predict_study(predictor, study_dir, study=study)
+    assert [level["level"] for level in preds.predictions["levels"]] == list(L.LEVELS)
+    assert any("256x256" in w for w in preds.predictions["warnings"])
 
 
 def test_bad_series_are_skipped_with_a_warning_or_fail_in_one_line(tmp_path):
