@@ -460,11 +460,22 @@ def _canal_trace(img: np.ndarray, column_px: np.ndarray, valid_rows: np.ndarray)
     return trace_column(strength * window, valid_rows, penalty=0.2)
 
 
-def _sac_end(
-    series: Series, index: int, column_yz: np.ndarray, field_centre: np.ndarray, cfg
-) -> np.ndarray | None:
-    """L5/S1 canal point (patient y, z) from the end of the dural sac on a T2/STIR slice, or None
-    where no bright canal is traced (`SAC_TAIL_MM`, `SAC_CUT_MM`)."""
+@dataclass(frozen=True)
+class _Canal:
+    """The CSF canal traced on a FINE_MM T2/STIR image, for `_sac_end_row`."""
+
+    grid: ViewGrid  # the FINE_MM grid over the field
+    path: np.ndarray  # [S] canal column per row
+    signal: np.ndarray  # [S] CSF signal along the path (smoothed)
+    arc: np.ndarray  # [S] arc length (mm) along the smoothed path
+    top: int  # first row of the periodic column
+    bottom: int  # last row inside the field
+    highest: float  # the planning bound: L5/S1 not above this row
+
+
+def _canal(series: Series, index: int, column_yz: np.ndarray, field_centre: np.ndarray, cfg) -> _Canal | None:
+    """Trace the bright canal on slice ``index`` and its signal, or None where too little of it is
+    in the field."""
     coarse, lo, hi = _coarse_grid(series, index)
     grid = ViewGrid(coarse.center_yz, coarse.spine_crop_mm, int(round(coarse.spine_crop_mm / FINE_MM)))
     img = _coarse_images(series, [index], grid, cfg)[0]
@@ -491,16 +502,23 @@ def _sac_end(
     bottom = int(np.flatnonzero(valid).max())
     signal = cv2.blur(img, (5, 1))[np.arange(grid.size), path]
     signal = cv2.GaussianBlur(signal.astype(np.float32)[:, None], (1, 0), 2.0 / FINE_MM)[:, 0]
-    w = int(round(SAC_WINDOW_MM / FINE_MM))
-    reference = int(round(SAC_REFERENCE_MM / FINE_MM))
-    skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
     # L5/S1 is at least L5S1_MIN_BELOW_MM below the field centre: a sac end much above that is none;
     # one a little above it with a clear drop (a small spine-centred field) puts L5/S1 on the bound.
-    highest = grid.patient_yz_to_view_px(field_centre)[1] + L5S1_MIN_BELOW_MM / FINE_MM
-    row = bottom - SAC_CUT_MM / FINE_MM  # the sac runs off the field
+    highest = float(grid.patient_yz_to_view_px(field_centre)[1] + L5S1_MIN_BELOW_MM / FINE_MM)
     # Arc length along the (smoothed) canal per row: a tilted sacrum drops less than its length.
     smooth = cv2.GaussianBlur(path.astype(np.float32)[:, None], (1, 0), 3.0 / FINE_MM)[:, 0]
     arc = np.concatenate([[0.0], np.cumsum(np.hypot(1.0, np.diff(smooth)))]) * FINE_MM
+    return _Canal(grid, path, signal, arc, top, bottom, highest)
+
+
+def _sac_end_row(canal: _Canal) -> float:
+    """Row of L5/S1 on the canal's grid: SAC_TAIL_MM up the canal from the lowest row where the CSF
+    signal ends for good, else SAC_CUT_MM above the field's edge (the sac runs off it)."""
+    signal, arc, top, bottom, highest = canal.signal, canal.arc, canal.top, canal.bottom, canal.highest
+    w = int(round(SAC_WINDOW_MM / FINE_MM))
+    reference = int(round(SAC_REFERENCE_MM / FINE_MM))
+    skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
+    row = bottom - SAC_CUT_MM / FINE_MM  # the sac runs off the field
     for r in range(bottom - 3, top + w, -1):
         above = float(np.interp(arc[r] - SAC_TAIL_MM, arc, np.arange(arc.size)))  # SAC_TAIL_MM up the canal
         if above < highest - SAC_BOUND_SLACK_MM / FINE_MM:
@@ -519,8 +537,20 @@ def _sac_end(
         ):
             row = max(above, highest)
             break
-    r = int(np.clip(round(row), 0, grid.size - 1))
-    return grid.view_px_to_patient_yz([float(path[r]), float(row)])
+    return row
+
+
+def _sac_end(
+    series: Series, index: int, column_yz: np.ndarray, field_centre: np.ndarray, cfg
+) -> np.ndarray | None:
+    """L5/S1 canal point (patient y, z) from the end of the dural sac on a T2/STIR slice, or None
+    where no bright canal is traced (`SAC_TAIL_MM`, `SAC_CUT_MM`)."""
+    canal = _canal(series, index, column_yz, field_centre, cfg)
+    if canal is None:
+        return None
+    row = _sac_end_row(canal)
+    r = int(np.clip(round(row), 0, canal.grid.size - 1))
+    return canal.grid.view_px_to_patient_yz([float(canal.path[r]), float(row)])
 
 
 def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
