@@ -1052,6 +1052,12 @@ def read_study(
         study.warnings.extend(series.warnings)
         if series.series_id in descriptions:
             series.description = descriptions[series.series_id]
+        elif (named := _text_plane(series.dicom_description)) not in (None, series.plane):
+            # The header text names another plane than the slices lie in: typed by orientation.
+            study.warnings.append(
+                f"series {series.series_id}: SeriesDescription names a {named} series but its slices "
+                f"are {series.plane}; typed as {series.description or 'unknown'!r}"
+            )
         reason = _unusable(series)
         if reason is not None:
             study.extra.append(series)
@@ -1070,6 +1076,15 @@ def read_study(
                 f"used {keep.series_id} ({why})"
             )
     return study
+
+
+def _text_plane(text: str) -> str | None:
+    """The plane a SeriesDescription names ("SAG", "AX", "COR" words), or None."""
+    words = re.findall(r"[A-Z]+", str(text).upper())
+    for plane, prefix in (("sagittal", "SAG"), ("axial", "AX"), ("coronal", "COR")):
+        if any(w.startswith(prefix) for w in words):
+            return plane
+    return None
 
 
 def _unusable(series: Series) -> str | None:

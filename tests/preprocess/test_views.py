@@ -328,3 +328,19 @@ def test_predictions_record_the_series_per_view():
         series={"sag_t2": 11, "sag_t1": None},
     )
     assert preds["series"] == {"sag_t2": "11", "sag_t1": None}
+
+
+def test_a_series_described_sagittal_with_axial_slices_is_warned_without_a_descriptions_csv(tmp_path):
+    """No RSNA CSV: the SeriesDescription text says sagittal, the slices are axial. The series is
+    typed by its orientation and the study says so (series id only, no header text)."""
+    spine = factory.Spine(l5s1=(0.0, -40.0))
+    geometry = {"rows": 256, "cols": 256, "pixel_spacing": (1.0, 1.0), "center": (0.0, 0.0, 20.0)}
+    axial_as_sagittal = factory.SeriesSpec(SAGITTAL_T2, n_slices=6, iop=factory.AXIAL_IOP, seed=8)
+    t2 = factory.spine_series(spine, n_slices=9, seed=10, **geometry)
+    study = read_study(factory.write_study(tmp_path, "8", {"1": axial_as_sagittal, "2": t2}))
+    assert (
+        "series 1: SeriesDescription names a sagittal series but its slices are axial; "
+        "typed as 'Axial T2'" in study.warnings
+    )
+    assert study.series[SAGITTAL_T2].series_id == "2"
+    assert not any("series 2" in w for w in study.warnings)
