@@ -751,6 +751,11 @@ def build_views(
     study's own (`Study.warnings`: series skipped or set aside, slices dropped).
     """
     reference = _reference_sagittal(study)
+    with reference.keeping_decoded():  # its slices serve the spine finder and a view
+        return _build_views(study, reference, cfg)
+
+
+def _build_views(study: Study, reference: Series, cfg: PreprocessConfig):
     spine = find_spine(reference, cfg)
     grid = _grid_from_spine(spine, cfg)
     warnings = list(study.warnings)

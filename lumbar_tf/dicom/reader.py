@@ -28,6 +28,7 @@ Warnings name series ids only (never paths or header text): they end up in predi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import math
@@ -220,6 +221,8 @@ class Series:
     normal: np.ndarray
     dicom_description: str = ""  # SeriesDescription as written in the files
     warnings: list[str] = field(default_factory=list)  # what reading it dropped (odd sizes, duplicates)
+    # Slices decoded while `keeping_decoded` is active, by index (read-only arrays).
+    _kept: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def plane(self) -> str:
@@ -279,7 +282,28 @@ class Series:
         float32 modality values and the map is None. Lets preprocessing work on the integers.
         """
         indices = [int(indices)] if np.isscalar(indices) else [int(i) for i in indices]
-        return [decode_stored(self.slices[i]) for i in indices]
+        kept = self._kept
+        if kept is None:
+            return [decode_stored(self.slices[i]) for i in indices]
+        for i in indices:
+            if i not in kept:
+                values, modality = decode_stored(self.slices[i])
+                values.flags.writeable = False  # shared by every later reader of this slice
+                kept[i] = values, modality
+        return [kept[i] for i in indices]
+
+    @contextlib.contextmanager
+    def keeping_decoded(self):
+        """Decode each slice once while inside: the spine finder and the views read some of the same
+        slices (`preprocess.build_views`). The decoded slices are let go on leaving."""
+        outer = self._kept is not None
+        if not outer:
+            self._kept = {}
+        try:
+            yield self
+        finally:
+            if not outer:
+                self._kept = None
 
 
 @dataclass
