@@ -136,6 +136,9 @@ def main() -> None:
         help="also measure copies with slices this much finer (1 = off)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("pipeline_results.json"))
+    parser.add_argument(
+        "--data", type=Path, help="an existing RSNA-layout folder to measure instead of --studies new ones"
+    )
     args = parser.parse_args()
 
     from lumbar_tf.core.config import PreprocessConfig
@@ -144,7 +147,7 @@ def main() -> None:
     cfg = PreprocessConfig()
     work = Path(tempfile.mkdtemp(prefix="lumbar_bench_"))
     try:
-        data = synthesize_dataset(work / "data", args.studies, seed=123)
+        data = args.data or synthesize_dataset(work / "data", args.studies, seed=123)
         result = {"repeats": args.repeats, "phantom": measure(data, cfg, args.repeats, work, "phantom")}
         if args.rsna_factor > 1:
             big = rsna_sized_copy(data, work / "rsna_sized", args.rsna_factor)
