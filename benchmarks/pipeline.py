@@ -147,6 +147,7 @@ def main() -> None:
         help="also measure copies with slices this much finer (1 = off)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("pipeline_results.json"))
+    parser.add_argument("--acquisition", default="realistic", help="phantom acquisition (realistic, centred)")
     parser.add_argument(
         "--data", type=Path, help="an existing RSNA-layout folder to measure instead of --studies new ones"
     )
@@ -158,7 +159,9 @@ def main() -> None:
     cfg = PreprocessConfig()
     work = Path(tempfile.mkdtemp(prefix="lumbar_bench_"))
     try:
-        data = args.data or synthesize_dataset(work / "data", args.studies, seed=123)
+        data = args.data or synthesize_dataset(
+            work / "data", args.studies, seed=123, acquisition=args.acquisition
+        )
         result = {"repeats": args.repeats, "phantom": measure(data, cfg, args.repeats, work, "phantom")}
         if args.rsna_factor > 1:
             big = rsna_sized_copy(data, work / "rsna_sized", args.rsna_factor)
