@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +39,9 @@ BATCHES = {"localize": (1, 16), "grade": (1, 5, 80)}
 MAC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV")
 
 
-def build_tflite(name: str, work: Path) -> tuple[bytes, object]:
-    """Float32 TFLite bytes of the untrained model of config ``name``, and its preprocess config."""
+def build_tflite(name: str, work: Path) -> tuple[bytes, object, object]:
+    """Float32 TFLite bytes of the untrained model of config ``name``, its preprocess config and
+    the end-to-end Keras model."""
     from lumbar_tf.core.config import builtin_config, load_config
     from lumbar_tf.export.saved_model import write_edge_saved_model
     from lumbar_tf.export.tflite import convert_tflite
@@ -54,7 +56,35 @@ def build_tflite(name: str, work: Path) -> tuple[bytes, object]:
     edge = work / f"edge-{name}"
     write_edge_saved_model(model, p, edge)
     content, _ = convert_tflite(edge, "float32")
-    return content, p
+    return content, p, model
+
+
+def static_grade_tflite(model, p, batch: int, work: Path) -> bytes:
+    """The ``grade`` signature alone, converted as the export does but with a fixed batch of ``batch``
+    level crops (the export's batch dimension is dynamic)."""
+    import keras
+    import tensorflow as tf
+
+    from lumbar_tf.core.contract import GRADE, LEVEL_INDEX, THRESHOLD_PROBS
+    from lumbar_tf.export.tflite import _convert, check_builtin_only
+
+    grader = model.get_layer("grader")
+    archive = keras.export.ExportArchive()
+
+    def grade(crops):
+        return {THRESHOLD_PROBS: keras.ops.sigmoid(grader(crops, training=False))}
+
+    c = p.crop_size
+    specs = {name: tf.TensorSpec([batch, c, c, 3], tf.float32, name=name) for name in p.view_names}
+    specs[LEVEL_INDEX] = tf.TensorSpec([batch], tf.int32, name=LEVEL_INDEX)
+    archive.add_endpoint(GRADE, grade, input_signature=[specs])
+    path = work / f"static-{batch}"
+    archive.write_out(str(path), verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(path), signature_keys=[GRADE])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    content = _convert(converter)
+    check_builtin_only(content, "float32")
+    return content
 
 
 def _builtin_names() -> dict[int, str]:
@@ -132,35 +162,47 @@ def time_signature(content: bytes, key: str, batch: int, threads: int, xnnpack: 
     return statistics.median(times), len(times)
 
 
-def measure(name: str, work: Path, peak: float, budget_s: float) -> dict:
+def _row(key, batch, threads, xnnpack, n, seconds, per_item, peak, **extra) -> dict:
+    gflops = per_item * batch / seconds / 1e9
+    return {
+        "signature": key,
+        "batch": batch,
+        "threads": threads,
+        "xnnpack": xnnpack,
+        **extra,
+        "invokes": n,
+        "median_ms": seconds * 1e3,
+        "ms_per_item": seconds * 1e3 / batch,
+        "gflop_per_s": gflops,
+        "peak_share": gflops / peak,
+    }
+
+
+def measure(
+    name: str, work: Path, peak: float, budget_s: float, static: tuple[int, ...] = (), dynamic: bool = True
+) -> dict:
     t = time.perf_counter()
-    content, p = build_tflite(name, work)
+    content, p, model = build_tflite(name, work)
     build_s = time.perf_counter() - t
     flops = count_flops(content)
     rows = []
     settings = [(2, True), (1, True), (2, False)]
-    for key, batches in BATCHES.items():
+    for key, batches in BATCHES.items() if dynamic else ():
         per_item = flops[key]["mac_flops"] + flops[key]["other_flops"]
         for batch in batches:
             for threads, xnnpack in settings:
                 if not xnnpack and batch > batches[1]:
                     continue  # the reference kernels on the largest batch take minutes
                 seconds, n = time_signature(content, key, batch, threads, xnnpack, budget_s)
-                gflops = per_item * batch / seconds / 1e9
-                rows.append(
-                    {
-                        "signature": key,
-                        "batch": batch,
-                        "threads": threads,
-                        "xnnpack": xnnpack,
-                        "invokes": n,
-                        "median_ms": seconds * 1e3,
-                        "ms_per_item": seconds * 1e3 / batch,
-                        "gflop_per_s": gflops,
-                        "peak_share": gflops / peak,
-                    }
-                )
+                rows.append(_row(key, batch, threads, xnnpack, n, seconds, per_item, peak))
                 print(json.dumps({"model": name, **rows[-1]}), flush=True)
+    grade_flops = flops["grade"]["mac_flops"] + flops["grade"]["other_flops"]
+    for batch in static:  # the same grade graph with a fixed batch dimension
+        fixed = static_grade_tflite(model, p, batch, work)
+        for threads in (2, 1):
+            seconds, n = time_signature(fixed, "grade", batch, threads, True, budget_s)
+            rows.append(_row("grade", batch, threads, True, n, seconds, grade_flops, peak, static_batch=True))
+            print(json.dumps({"model": name, **rows[-1]}), flush=True)
     return {
         "config": CONFIGS[name],
         "view_size": p.view_size,
@@ -195,8 +237,9 @@ def to_markdown(result: dict) -> str:
             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
         ]
         for r in m["rows"]:
+            batch = f"{r['batch']} (fixed)" if r.get("static_batch") else r["batch"]
             lines.append(
-                f"| {r['signature']} | {r['batch']} | {r['threads']} | {'yes' if r['xnnpack'] else 'no'} | "
+                f"| {r['signature']} | {batch} | {r['threads']} | {'yes' if r['xnnpack'] else 'no'} | "
                 f"{r['median_ms']:.1f} | {r['ms_per_item']:.2f} | {r['gflop_per_s']:.1f} | "
                 f"{100 * r['peak_share']:.1f} |"
             )
@@ -212,6 +255,10 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=PEAK_GFLOPS, help="peak GFLOP/s of this CPU")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed invokes per row")
     parser.add_argument(
+        "--static", default="", help="also time grade converted with these fixed batch sizes, e.g. 5,80"
+    )
+    parser.add_argument("--no-dynamic", action="store_true", help="only the --static rows")
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).with_name("tflite_flops_results.json"), help="JSON results"
     )
     args = parser.parse_args()
@@ -219,12 +266,15 @@ def main() -> None:
     result = {
         "peak_gflops": args.peak,
         "load_start": " ".join(f"{v:.1f}" for v in os.getloadavg()),
-        "command": "benchmarks/tflite_flops.py --models " + args.models,
+        "command": "benchmarks/tflite_flops.py " + " ".join(sys.argv[1:]),
         "models": {},
     }
     try:
         for name in args.models.split(","):
-            result["models"][name] = measure(name.strip(), work, args.peak, args.budget)
+            static = tuple(int(b) for b in args.static.split(",") if b)
+            result["models"][name] = measure(
+                name.strip(), work, args.peak, args.budget, static, dynamic=not args.no_dynamic
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
