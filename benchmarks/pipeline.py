@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -82,6 +83,9 @@ def measure(data: Path, cfg, repeats: int, work: Path, tag: str) -> dict:
     from lumbar_tf.data.dataset import localizer_dataset, prepare_cache
 
     baseline, prepared, serial, first_epoch, cached_epoch = [], [], [], [], []
+    # CPU seconds of the two in-process runs: on a machine shared with other sessions the wall
+    # clock of both sides moves with the load; their CPU time much less.
+    baseline_cpu, serial_cpu = [], []
     first_call = n = 0
     for r in range(repeats + 1):
         cache = work / f"cache-{tag}-{r}"
@@ -93,10 +97,13 @@ def measure(data: Path, cfg, repeats: int, work: Path, tag: str) -> dict:
             first_call = elapsed
             continue
         prepared.append(elapsed)
+        cpu = time.process_time()
         baseline.append(bare_baseline(data))
-        t = time.perf_counter()
+        baseline_cpu.append(time.process_time() - cpu)
+        t, cpu = time.perf_counter(), time.process_time()
         prepare_cache(data, work / f"serial-{tag}-{r}", cfg, workers=1, progress=False)
         serial.append(time.perf_counter() - t)
+        serial_cpu.append(time.process_time() - cpu)
         ds = localizer_dataset(cache, cfg, manifest["study_ids"], batch_size=8, training=False)
         t = time.perf_counter()
         for _ in ds:
@@ -115,6 +122,10 @@ def measure(data: Path, cfg, repeats: int, work: Path, tag: str) -> dict:
         "speedup_vs_baseline": med(baseline) / med(prepared),
         "prepare_serial_studies_per_s": n / med(serial),
         "serial_speedup_vs_baseline": med(baseline) / med(serial),
+        "baseline_cpu_s": med(baseline_cpu),
+        "prepare_serial_cpu_s": med(serial_cpu),
+        "serial_cpu_speedup_vs_baseline": med(baseline_cpu) / med(serial_cpu),
+        "load_average": [round(v, 1) for v in os.getloadavg()],
         "prepare_first_call_s": first_call,
         "prepare_warm_s": med(prepared),
         "first_epoch_s": med(first_epoch),
@@ -136,6 +147,10 @@ def main() -> None:
         help="also measure copies with slices this much finer (1 = off)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("pipeline_results.json"))
+    parser.add_argument("--acquisition", default="realistic", help="phantom acquisition (realistic, centred)")
+    parser.add_argument(
+        "--data", type=Path, help="an existing RSNA-layout folder to measure instead of --studies new ones"
+    )
     args = parser.parse_args()
 
     from lumbar_tf.core.config import PreprocessConfig
@@ -144,7 +159,9 @@ def main() -> None:
     cfg = PreprocessConfig()
     work = Path(tempfile.mkdtemp(prefix="lumbar_bench_"))
     try:
-        data = synthesize_dataset(work / "data", args.studies, seed=123)
+        data = args.data or synthesize_dataset(
+            work / "data", args.studies, seed=123, acquisition=args.acquisition
+        )
         result = {"repeats": args.repeats, "phantom": measure(data, cfg, args.repeats, work, "phantom")}
         if args.rsna_factor > 1:
             big = rsna_sized_copy(data, work / "rsna_sized", args.rsna_factor)

@@ -84,7 +84,7 @@ def _normalize_stored(stored: np.ndarray, modality, low_pct: float, high_pct: fl
     # Histogram over the stored words read as unsigned (no copy); the order of the bins does not
     # matter because the distinct values are sorted by their modality value below.
     codes = stored.view(stored.dtype.str.replace("i", "u"))
-    counts = np.bincount(codes.ravel())
+    counts = _histogram(codes)
     present = np.flatnonzero(counts)
     stored_values = present.astype(codes.dtype).view(stored.dtype)
     # The modality values of the distinct stored values: what load_pixels gives, bit for bit.
@@ -94,6 +94,16 @@ def _normalize_stored(stored: np.ndarray, modality, low_pct: float, high_pct: fl
     lut = np.zeros(counts.size, np.uint8)
     lut[present] = to_uint8(_scale_to_unit(values, lo, hi))
     return np.take(lut, codes)
+
+
+def _histogram(codes: np.ndarray) -> np.ndarray:
+    """``np.bincount(codes.ravel())`` of 8/16-bit unsigned codes; OpenCV's histogram is ~5x faster
+    and exact while no bin can pass float32's 2**24 integers."""
+    if codes.size >= 2**24 or codes.size == 0:
+        return np.bincount(codes.ravel())
+    n = int(codes.max()) + 1
+    flat = np.ascontiguousarray(codes).reshape(-1, codes.shape[-1])
+    return cv2.calcHist([flat], [0], None, [n], [0, n]).ravel().astype(np.int64)
 
 
 def _histogram_percentiles(sorted_values: np.ndarray, counts: np.ndarray, percents) -> list[float]:
@@ -313,11 +323,17 @@ def trace_column(strength: np.ndarray, valid_rows: np.ndarray, penalty: float = 
     idx = np.arange(w)
     score = norm[rows[0]].copy()
     back = np.zeros((rows.size, w), np.int64)
+    # Per row, each column continues the best of its three neighbours above; ties go to the left
+    # one, then straight down, then the right one. Preallocated rows: this loop runs ~10 times a study.
+    left, right = np.full(w, -np.inf, norm.dtype), np.full(w, -np.inf, norm.dtype)
     for n, r in enumerate(rows[1:], start=1):
-        cand = np.stack([np.r_[-np.inf, score[:-1]] - penalty, score, np.r_[score[1:], -np.inf] - penalty])
-        k = np.argmax(cand, axis=0)
-        score = cand[k, idx] + norm[r]
-        back[n] = idx + (k - 1)
+        np.subtract(score[:-1], penalty, out=left[1:])
+        np.subtract(score[1:], penalty, out=right[:-1])
+        down = score >= right
+        best = np.maximum(score, right)
+        from_left = left >= best
+        back[n] = idx + np.where(from_left, -1, np.where(down, 0, 1))
+        score = np.where(from_left, left, best) + norm[r]
     col = int(np.argmax(score))
     for n in range(rows.size - 1, -1, -1):
         path[rows[n]] = col
@@ -419,12 +435,18 @@ def _mirror_midline(images: np.ndarray, lateral: np.ndarray, band: tuple[slice, 
     order = np.argsort(lateral)
     lateral, crops = lateral[order], images[order][:, band[0], band[1]]
 
+    seen: dict[float, np.ndarray | None] = {}  # the planes c +- d repeat: interpolate each once
+
     def at(x: float):
+        if x in seen:
+            return seen[x]
         if x < lateral[0] - 1e-6 or x > lateral[-1] + 1e-6:
+            seen[x] = None
             return None
         k = int(np.clip(np.searchsorted(lateral, x) - 1, 0, len(lateral) - 2))
         w = (x - lateral[k]) / max(lateral[k + 1] - lateral[k], 1e-6)
-        return (1 - w) * crops[k] + w * crops[k + 1]
+        seen[x] = (1 - w) * crops[k] + w * crops[k + 1]
+        return seen[x]
 
     best, best_c = np.inf, None
     for c in np.arange(-MIDLINE_SEARCH_MM, MIDLINE_SEARCH_MM + 0.25, 0.5):
@@ -781,6 +803,11 @@ def build_views(
     study's own (`Study.warnings`: series skipped or set aside, slices dropped).
     """
     reference = _reference_sagittal(study)
+    with reference.keeping_decoded():  # its slices serve the spine finder and a view
+        return _build_views(study, reference, cfg)
+
+
+def _build_views(study: Study, reference: Series, cfg: PreprocessConfig):
     spine = find_spine(reference, cfg)
     grid = _grid_from_spine(spine, cfg)
     warnings = list(study.warnings)

@@ -217,3 +217,76 @@ def test_a_damaged_header_reads_as_pydicom_reads_it(tmp_path, monkeypatch, impli
             assert fast == slow, at
         accepted += scan_header(path) is not None
     assert accepted > 100  # most single-byte changes hit values, which the scan reads
+
+
+def _jpeg_file(path, fragments: int = 1, **changes):
+    """A JPEG Lossless SV1 file of `_dataset` (the frame split into ``fragments`` fragments)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    ds = _dataset(**changes)
+    ds.PixelData = encapsulate([factory.encode_jpeg_lossless_sv1(ds)], fragments_per_frame=fragments)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("fragments", [1, 3])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_jpeg_lossless_is_decoded_without_pydicom_as_pydicom_decodes_it(
+    tmp_path, monkeypatch, fragments, photometric
+):
+    pytest.importorskip("imagecodecs", reason="imagecodecs encodes JPEG Lossless SV1")
+    path = _jpeg_file(tmp_path / "1.dcm", fragments, PhotometricInterpretation=photometric)
+    scanned = scan_header(path)
+    assert scanned is not None and len(scanned.fragments) == fragments
+    fast, fast_tags = read_instance_header(path)
+    slow, slow_tags = _by_pydicom(path, monkeypatch)
+    assert fast.jpeg is not None and fast.native is None and slow.jpeg is None
+    for key in SERIES_TAGS:
+        assert str(fast_tags.get(key)) == str(slow_tags.get(key)), key
+    with monkeypatch.context() as patch:  # the fast path decodes without pydicom
+        patch.setattr(dicom.pydicom, "dcmread", None)
+        fast_values, fast_map = decode_stored(fast)
+    slow_values, slow_map = decode_stored(slow)
+    reference = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(fast_values, reference)
+    np.testing.assert_array_equal(slow_values, reference)
+    assert fast_values.dtype == slow_values.dtype == reference.dtype and fast_map == slow_map
+    np.testing.assert_array_equal(decode_instance(fast), decode_instance(slow))
+
+
+def test_a_jpeg_frame_pydicom_must_judge_goes_to_pydicom(tmp_path, monkeypatch):
+    """Values above BitsStored (pydicom keeps them) and a stream libjpeg-turbo refuses are decoded by
+    pydicom, with its result or its error."""
+    pytest.importorskip("imagecodecs", reason="imagecodecs encodes JPEG Lossless SV1")
+    path = _jpeg_file(tmp_path / "1.dcm")
+    ds = pydicom.dcmread(path)
+    ds.BitsStored, ds.HighBit = 8, 7  # the 12-bit frame now has values above BitsStored
+    ds.save_as(path, enforce_file_format=True)
+    header, _ = read_instance_header(path)
+    assert header.jpeg is not None and dicom._read_jpeg(header) is None
+    np.testing.assert_array_equal(decode_stored(header)[0], pydicom.dcmread(path).pixel_array)
+
+    garbage = _jpeg_file(tmp_path / "2.dcm")
+    data = bytearray(garbage.read_bytes())
+    soi = data.index(b"\xff\xd8")
+    data[soi : soi + 2] = b"\x00\x00"  # no JPEG start of image
+    garbage.write_bytes(bytes(data))
+    header, _ = read_instance_header(garbage)
+    assert header.jpeg is not None and dicom._read_jpeg(header) is None
+    with pytest.raises(dicom.DicomError, match="cannot decode pixel data"):
+        decode_stored(header)
+
+
+def test_every_jpeg_truncation_is_left_to_pydicom(tmp_path):
+    """A JPEG Lossless file cut anywhere (inside the header, an item header, a fragment, before the
+    sequence delimiter) is left to pydicom, which words the error."""
+    pytest.importorskip("imagecodecs", reason="imagecodecs encodes JPEG Lossless SV1")
+    data = _jpeg_file(tmp_path / "1.dcm", fragments=2).read_bytes()
+    pixel = data.index(b"\xe0\x7f\x10\x00")
+    cut_file = tmp_path / "cut.dcm"
+    for cut in [*range(pixel - 40, pixel + 40, 3), *range(pixel + 40, len(data), 401), len(data) - 1]:
+        cut_file.write_bytes(data[:cut])
+        assert scan_header(cut_file) is None, cut
