@@ -261,9 +261,16 @@ def format_metrics_table(metrics: dict) -> str:
         ("macro ROC-AUC", _fmt(metrics["macro_roc_auc"])),
         ("mean average precision", _fmt(metrics["mean_average_precision"])),
         ("accuracy / balanced", f"{_fmt(metrics['accuracy'])} / {_fmt(metrics['balanced_accuracy'])}"),
-        ("RSNA weighted log loss", _fmt(metrics["rsna_log_loss"]["total"])),
+        ("RSNA weighted log loss (submitted)", _fmt(metrics["rsna_log_loss"]["total"])),
         ("  constant-prior baseline", _fmt(metrics["prior_rsna_log_loss"]["total"])),
     ]
+    calibration = metrics.get("calibration")
+    if calibration:
+        rows.append(("  plain triple (not submitted)", _fmt(calibration["rsna_log_loss_plain_triple"])))
+        ece = _fmt(calibration["expected_calibration_error"])
+        if "uncalibrated" in calibration:
+            ece = f"{_fmt(calibration['uncalibrated']['expected_calibration_error'])} -> {ece} calibrated"
+        rows.append(("ECE (threshold tasks)", ece))
     if metrics.get("bayes_limit"):
         b = metrics["bayes_limit"]
         rows.append(
