@@ -174,6 +174,12 @@ def test_calibration_lowers_ece_and_not_the_rsna_loss_on_held_out_phantoms(
     assert report["rsna_log_loss_change_vs_plain"] <= NOISE_Z * report["rsna_log_loss_change_vs_plain_se"]
     assert report["rsna_log_loss_change"] <= NOISE_Z * report["rsna_log_loss_change_se"]
     assert metrics["rsna_log_loss"]["total"] == pytest.approx(report["rsna_log_loss"])
+    from lumbar_tf.training.evaluate import format_metrics_table
+
+    ece = (
+        f"{before['expected_calibration_error']:.3f} -> {report['expected_calibration_error']:.3f} calibrated"
+    )
+    assert ece in format_metrics_table(metrics)
 
 
 def test_calibrating_the_plain_tiny_run_lowers_the_held_out_ece_not_the_rsna_score(
@@ -269,3 +275,31 @@ def test_the_batch_writer_submits_the_decision_rule_for_model_and_prior_rows(tmp
     assert not np.allclose(
         submitted["101_spinal_canal_stenosis_l1_l2"], L.rsna_triple(model_probs)[0, 0], atol=1e-3
     )
+
+
+@pytest.mark.slow  # a Beam pipeline on the direct runner and a model load: ~30 s on the shared cores
+def test_the_beam_writer_submits_the_decision_rule_for_model_and_prior_rows(tiny_run, phantom_dir, tmp_path):
+    pytest.importorskip("apache_beam")
+    from lumbar_tf.data.beam_prepare import pipeline_options
+    from lumbar_tf.runtime.artifacts import load_predictor
+    from lumbar_tf.runtime.beam_predict import predict_folder_beam
+
+    images = tmp_path / "data" / "test_images"
+    good, bad = sorted((phantom_dir / "train_images").iterdir(), key=lambda p: int(p.name))[:2]
+    shutil.copytree(good, images / good.name)
+    shutil.copytree(bad, images / bad.name)
+    for path in (images / bad.name).rglob("*.dcm"):
+        path.write_bytes(b"broken")
+    report = predict_folder_beam(
+        tiny_run, tmp_path / "data", tmp_path / "sub.csv", options=pipeline_options("direct")
+    )
+    assert report["predicted"] == [good.name] and list(report["from_prior"]) == [bad.name]
+    cells = json.loads((tmp_path / "sub_studies" / good.name / "predictions.json").read_text())["cells"]
+    grade_probs = np.array([c["grade_probs"] for c in cells]).reshape(5, 5, 4)  # fine grades: 0-3
+    thresholds = np.flip(np.cumsum(np.flip(grade_probs, -1), -1), -1)[..., 1:]  # P(>=1), P(>=2), P(>=3)
+    prior = load_predictor(tiny_run).prior_threshold_probs
+    expected = {**_expected_rows(good.name, thresholds), **_expected_rows(bad.name, prior)}
+    submitted = _submitted(tmp_path / "sub.csv")
+    assert submitted.keys() == expected.keys()
+    for row_id, triple in expected.items():
+        np.testing.assert_allclose(submitted[row_id], triple, atol=2e-5)
