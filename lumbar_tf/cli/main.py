@@ -108,7 +108,7 @@ def cmd_calibrate(args) -> int:
 
     record = calibrate_run(args.model, args.data, cache_dir=args.cache)
     before, after = record["uncalibrated"], record
-    print(f"fitted on {record['fitted_on']}; T, b of >=2,>=3 | >=1 (identity unless it helped out of fold):")
+    print(f"fitted on {record['fitted_on']}; T, b of >=1 | >=2 | >=3 (identity unless better out of fold):")
     for group, fits in record["groups"].items():
         maps = [f"T {f['temperature']:.2f} b {f['bias']:+.2f}" for f in fits.values()]
         print(f"  {group}: " + " | ".join(maps))

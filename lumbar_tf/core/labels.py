@@ -40,7 +40,8 @@ CONDITION_TITLES = {c: c.replace("_", " ").title() for c in CONDITIONS}
 LEVEL_TITLES = {lv: lv.upper().replace("_", "/") for lv in LEVELS}
 SUBMISSION_COLUMNS = ("normal_mild", "moderate", "severe")
 
-# Competition sample weights for normal-mild / moderate / severe.
+# Competition sample weights for normal-mild / moderate / severe: the metric's weights, the weights
+# of the submission's decision rule (`rsna_submission_triple`) and the training loss's defaults.
 RSNA_SEVERITY_WEIGHTS = (1.0, 2.0, 4.0)
 
 
@@ -142,6 +143,18 @@ def rsna_triple(threshold_probs: np.ndarray) -> np.ndarray:
     p = np.asarray(threshold_probs, dtype=np.float64)
     p2, p3 = p[..., 1], p[..., 2]
     return np.clip(np.stack([1.0 - p2, p2 - p3, p3], axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def rsna_submission_triple(threshold_probs: np.ndarray) -> np.ndarray:
+    """Threshold probabilities ``[..., 3]`` -> the (normal_mild, moderate, severe) to *submit*:
+    `rsna_triple` times the metric's sample weights, renormalised (q_c = w_c p_c / sum w p).
+
+    The RSNA metric is a log loss weighted by the true class, so the expected loss of a cell,
+    ``-sum_c w_c p_c log q_c`` over the simplex, is least at this ``q``, not at ``p``: honest
+    probabilities go into predictions.json, this into submission.csv (DESIGN.md deviation).
+    """
+    weighted = rsna_triple(threshold_probs).astype(np.float64) * np.asarray(RSNA_SEVERITY_WEIGHTS)
+    return (weighted / weighted.sum(axis=-1, keepdims=True)).astype(np.float32)  # the sum is >= 1
 
 
 def presence(threshold_probs: np.ndarray, fine_grades_known: bool = True) -> np.ndarray:

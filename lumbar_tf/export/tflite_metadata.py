@@ -114,8 +114,10 @@ def _tensor(name: str, meta: dict, signature: str) -> dict:
             name,
             f"[N, {L.N_CONDITIONS}, {L.N_THRESHOLDS}] float32 probabilities (sigmoid applied) for the "
             "crop's level: axis 1 conditions (conditions.txt), axis 2 P(grade>=1 mild), P(grade>=2 "
-            "moderate), P(grade>=3 severe) (thresholds.txt). RSNA triple: normal_mild = 1 - P(>=2), "
-            "moderate = P(>=2) - P(>=3), severe = P(>=3); labels.txt names the 75 study cells.",
+            "moderate), P(grade>=3 severe) (thresholds.txt). RSNA triple (predictions.json): normal_mild "
+            "= 1 - P(>=2), moderate = P(>=2) - P(>=3), severe = P(>=3); a submission row is that triple "
+            "times the metric's weights 1/2/4, renormalised (lumbar_tf.core.labels.rsna_submission_triple); "
+            "labels.txt names the 75 study cells.",
             0,
             1,
             [

@@ -6,10 +6,11 @@ The layer sits at the end of the grader model (named ``grader`` like the uncalib
 end-to-end Keras model, the SavedModel and the TFLite ``grade`` signature all apply it with no
 change to the export: every runtime calls that grader. The grades stay monotone: the mapped >=2
 logit is the anchor, >=1 is raised to at least it and >=3 lowered to at most it (`lumbar-tf
-calibrate` fits >=2 and >=3 with one shared map, so only >=1 is ever moved, and the RSNA triple,
-which needs only >=2 and >=3, never is). The layer's name starts with ``threshold_logits`` so that
-the int8 export keeps it in its float32 tail like the logits before it. T = 1, b = 0 is the
-identity, which `lumbar-tf calibrate` keeps wherever fitting does not beat it out of fold.
+calibrate` fits >=2 first, then >=3 and >=1 under these bounds, each for its plain log loss: the
+probabilities are honest, and the submission's decision rule answers the RSNA weights). The layer's
+name starts with ``threshold_logits`` so that the int8 export keeps it in its float32 tail like the
+logits before it. T = 1, b = 0 is the identity, which `lumbar-tf calibrate` keeps wherever fitting
+does not beat it out of fold.
 """
 
 from __future__ import annotations

@@ -233,8 +233,12 @@ def write_predictions(path, preds: dict) -> Path:
 
 
 def submission_rows(study_id, threshold_probs) -> list[tuple[str, float, float, float]]:
-    """25 Kaggle rows ``(row_id, normal_mild, moderate, severe)`` in CONDITIONS x LEVELS order."""
-    rsna = labels.rsna_triple(monotone_thresholds(_as_threshold_probs(threshold_probs))).astype(np.float64)
+    """25 Kaggle rows ``(row_id, normal_mild, moderate, severe)`` in CONDITIONS x LEVELS order: the
+    metric's decision rule (`core.labels.rsna_submission_triple`), not the plain triple of
+    predictions.json. Every writer (`runtime.batch`, `runtime.beam_predict`, the prior rows of
+    studies that could not be read) goes through here."""
+    monotone = monotone_thresholds(_as_threshold_probs(threshold_probs))
+    rsna = labels.rsna_submission_triple(monotone).astype(np.float64)
     rows = []
     for ci, condition in enumerate(labels.CONDITIONS):
         for li, level in enumerate(labels.LEVELS):

@@ -1,14 +1,16 @@
 """`lumbar-tf calibrate`: fit temperature scaling on a run's validation fold and store it in the model.
 
-    lumbar-tf calibrate --model RUN --data DATA      # RUN/model.keras now applies the temperatures
+    lumbar-tf calibrate --model RUN --data DATA      # RUN/model.keras now applies the maps
 
-One temperature per condition group (spinal, foraminal, subarticular), fitted by minimising the
-log loss of the known threshold tasks (P(>=1), P(>=2), P(>=3)) of the validation fold's end-to-end
-predictions (the grader on the localiser's crops, as served). The temperatures go into the grader
-(`models.calibration`), so every runtime and export applies them; the uncalibrated model stays
-beside it as ``model_uncalibrated.keras``. ``calibration.json`` records the temperatures and the
-expected calibration error and RSNA loss before and after; ``reliability.png`` shows both.
-`calibration_report` is what `lumbar-tf evaluate` adds to metrics.json for any model.
+A temperature and a bias per condition group and threshold (``logit / T + b``), each fitted by
+minimising the plain log loss of its threshold task on the validation fold's end-to-end predictions
+(the grader on the localiser's crops, as served), cross-validated over the fold's studies and kept
+at the identity unless it beats it out of fold: honest probabilities. The RSNA metric's sample
+weights are answered by the submission's decision rule (`core.labels.rsna_submission_triple`), not
+here. The maps go into the grader (`models.calibration`), so every runtime and export applies them;
+the uncalibrated model stays beside it as ``model_uncalibrated.keras``. ``calibration.json`` records
+the maps and the expected calibration error and RSNA loss before and after; ``reliability.png``
+shows both. `calibration_report` is what `lumbar-tf evaluate` adds to metrics.json for any model.
 """
 
 from __future__ import annotations
@@ -89,10 +91,15 @@ def expected_calibration_error(threshold_probs, grades, n_bins: int = N_BINS) ->
     return float(np.sum(gap * bins["count"]) / total)
 
 
-# === Fitting: temperature + bias per group, never worse than identity out of fold ===
+# === Fitting: temperature + bias per group and threshold, never worse than identity out of fold ===
 
-# The parameter grid per group: log T and b, both symmetric so that the identity (0, 0) is a point.
-_LOG_T = np.arange(-15, 16) * (np.log(5.0) / 15)  # T from 1/5 to 5
+# The parameter grid per map: log T and b, on steps that put the identity (0, 0) on a point. T is
+# kept above MIN_TEMPERATURE: the RSNA metric weighs a confident miss of a moderate or severe cell 2-4
+# times, and the sharper maps that a 10-study validation fold chose (T 0.2-0.3, lower threshold log
+# loss out of fold) doubled the held-out RSNA loss of 40 phantoms (README "Calibrated probabilities").
+MIN_TEMPERATURE = 0.5
+_LOG_STEP = np.log(5.0) / 15
+_LOG_T = np.arange(np.ceil(np.log(MIN_TEMPERATURE) / _LOG_STEP), 16) * _LOG_STEP  # T from 0.53 to 5
 _BIAS = np.arange(-15, 16) * 0.2
 _GRID_LOG_T, _GRID_BIAS = (a.ravel() for a in np.meshgrid(_LOG_T, _BIAS, indexing="ij"))
 _IDENTITY = int(np.flatnonzero((_GRID_LOG_T == 0) & (_GRID_BIAS == 0))[0])
@@ -101,6 +108,8 @@ _IDENTITY = int(np.flatnonzero((_GRID_LOG_T == 0) & (_GRID_BIAS == 0))[0])
 FAMILIES = ("temperature", "temperature+bias")
 RIDGE = (0.0, 0.003, 0.03, 0.3)
 CV_FOLDS = 5
+# Fitting order: >=2 is the layer's anchor; >=3 is then capped at it and >=1 raised to it.
+FIT_ORDER = (1, 2, 0)
 
 
 def _per_study(values: np.ndarray, study: np.ndarray, n: int, chunk: int = 4096) -> np.ndarray:
@@ -111,135 +120,82 @@ def _per_study(values: np.ndarray, study: np.ndarray, n: int, chunk: int = 4096)
     return out
 
 
-def _group_losses(z, grades, conditions, thresholds, *, floor=None) -> dict:
-    """Per grid point and per study, sums over one condition group's threshold tasks, so that any
-    subset of studies is scored at every grid point by adding columns.
+def _group_losses(z, grades, conditions, threshold: int, *, anchor=None) -> dict:
+    """Per grid point and per study, the log loss summed over one condition group's known tasks of
+    one threshold (``nll``) and their count (``nll_n``), so that any subset of studies is scored at
+    every grid point by adding columns.
 
-    ``z``: uncalibrated logits ``[N, 5, 5, 3]``; ``thresholds``: the indices the grid point maps
-    (``(0,)``: >=1, raised to at least ``floor``, the mapped >=2 logit; ``(1, 2)``: >=2 and >=3).
-    ``nll``/``nll_n``: the threshold log loss of their known tasks. For ``(1, 2)`` also ``rsna``/
-    ``rsna_w``: the group's sample-weighted log loss of the RSNA triple (1/2/4 by grade, the
-    scorer's eps clip and renormalisation) and, for the spinal group, the any-severe-spinal term's
-    sums ``any``/``any_w``.
+    ``z``: uncalibrated logits ``[N, 5, 5, 3]``; ``anchor``: the mapped >=2 logit ``[N, 5, 5]``,
+    which the layer makes >=3 stay below and >=1 above (so they are fitted as the layer applies them).
     """
-    from lumbar_tf.training.metrics import rsna_class
-
-    eps = np.finfo(np.float64).eps
     n = len(z)
-    z = np.asarray(z)[:, conditions]  # [N, c, 5, 3]
+    z = np.asarray(z)[:, conditions][..., threshold]  # [N, c, 5]
     targets, mask = L.encode_grades(np.asarray(grades)[:, conditions])
-    study = np.broadcast_to(np.arange(n)[:, None, None, None], z.shape)
-    known = (mask > 0.5)[..., list(thresholds)]
-    t, b = np.exp(_GRID_LOG_T)[:, None], _GRID_BIAS[:, None]
-    mapped = z[..., list(thresholds)][known][None] / t + b  # [K, tasks]
-    if floor is not None:
-        mapped = np.maximum(mapped, np.asarray(floor)[:, conditions][..., None][known][None])
+    known = mask[..., threshold] > 0.5
+    study = np.broadcast_to(np.arange(n)[:, None, None], z.shape)[known]
+    mapped = z[known][None] / np.exp(_GRID_LOG_T)[:, None] + _GRID_BIAS[:, None]  # [K, tasks]
+    if anchor is not None:
+        bound = np.asarray(anchor)[:, conditions][known][None]
+        mapped = np.minimum(mapped, bound) if threshold == 2 else np.maximum(mapped, bound)
     p = np.clip(_sigmoid(mapped), _EPS, 1 - _EPS)
-    y = targets[..., list(thresholds)][known][None]
-    task_study = study[..., list(thresholds)][known]
-    out = {
-        "nll": _per_study(-(y * np.log(p) + (1 - y) * np.log1p(-p)), task_study, n),
-        "nll_n": np.bincount(task_study, minlength=n).astype(np.float64),
+    y = targets[..., threshold][known][None]
+    return {
+        "nll": _per_study(-(y * np.log(p) + (1 - y) * np.log1p(-p)), study, n),
+        "nll_n": np.bincount(study, minlength=n).astype(np.float64),
     }
-    zeros, none = np.zeros((len(_GRID_LOG_T), n)), np.zeros(n)
-    out.update(rsna=zeros, rsna_w=none, any=zeros, any_w=none)
-    classes = rsna_class(np.asarray(grades)[:, conditions])  # [N, c, 5]
-    scored = classes >= 0
-    if thresholds != (1, 2) or not scored.any():
-        return out
-    weights = np.asarray(L.RSNA_SEVERITY_WEIGHTS)[np.maximum(classes, 0)][scored]
-    cls, cell_study = classes[scored], study[..., 0][scored]
-    p = _sigmoid(z[scored][None, :, 1:] / t[..., None] + b[..., None])  # [K, cells, 2]
-    triple = np.clip(np.stack([1 - p[..., 0], p[..., 0] - p[..., 1], p[..., 1]], axis=-1), 0, 1)
-    triple = np.clip(triple, eps, 1 - eps)
-    triple = triple / triple.sum(axis=-1, keepdims=True)
-    loss = -np.log(np.take_along_axis(triple, cls[None, :, None], axis=-1)[..., 0]) * weights
-    out["rsna"] = _per_study(loss, cell_study, n)
-    out["rsna_w"] = np.bincount(cell_study, weights=weights, minlength=n)
-    if conditions == [0]:  # any severe spinal per study: its largest severe probability
-        studies, starts = np.unique(cell_study, return_index=True)  # cells are in study order
-        severe = np.clip(np.maximum.reduceat(p[..., 1], starts, axis=1), eps, 1 - eps)
-        label = np.maximum.reduceat((cls == 2).astype(np.float64), starts) > 0
-        w = np.maximum.reduceat(weights, starts)
-        out["any"] = np.zeros((len(_GRID_LOG_T), n))
-        out["any"][:, studies] = -w * np.log(np.where(label, severe, 1 - severe))
-        out["any_w"] = np.zeros(n)
-        out["any_w"][studies] = w
-    return out
 
 
-def _scores(losses: dict, studies) -> tuple[np.ndarray, np.ndarray]:
-    """(threshold log loss, the group's RSNA loss terms summed) of these studies at every grid point."""
-    nll = losses["nll"][:, studies].sum(1) / max(losses["nll_n"][studies].sum(), 1)
-    rsna = losses["rsna"][:, studies].sum(1) / max(losses["rsna_w"][studies].sum(), _EPS)
-    if losses["any_w"][studies].sum() > 0:
-        rsna = rsna + losses["any"][:, studies].sum(1) / losses["any_w"][studies].sum()
-    return nll, rsna
+def _nll(losses: dict, studies) -> np.ndarray:
+    """Threshold log loss of these studies at every grid point."""
+    return losses["nll"][:, studies].sum(1) / max(losses["nll_n"][studies].sum(), 1)
 
 
 def _fit_point(losses: dict, studies, family: str, ridge: float) -> int:
-    """The grid point of least ridge-penalised threshold log loss on these studies among those whose
-    RSNA loss terms are not above the identity's (the identity is always allowed)."""
-    nll, rsna = _scores(losses, studies)
-    objective = nll + ridge * (_GRID_LOG_T**2 + _GRID_BIAS**2)
-    allowed = rsna <= rsna[_IDENTITY] + 1e-12
+    """The grid point of least ridge-penalised threshold log loss on these studies."""
+    objective = _nll(losses, studies) + ridge * (_GRID_LOG_T**2 + _GRID_BIAS**2)
     if family == "temperature":
-        allowed &= _GRID_BIAS == 0
-    allowed[_IDENTITY] = True
-    return int(np.argmin(np.where(allowed, objective, np.inf)))
+        objective = np.where(_GRID_BIAS == 0, objective, np.inf)
+    return int(np.argmin(objective))
 
 
 def _cross_validated(losses: dict, n: int, folds: int) -> dict:
-    """The map of one group's thresholds: the candidate (family x ridge) with the lowest out-of-fold
-    threshold log loss among those that beat the identity out of fold without raising its RSNA
-    terms there, refitted on every study; the identity when none does."""
+    """One map: the candidate (family x ridge) with the lowest out-of-fold threshold log loss, if
+    it beats the identity out of fold, refitted on every study; else the identity."""
     record = {"temperature": 1.0, "bias": 0.0, "family": "identity", "ridge": None}
     k = min(folds, n)
     if k < 2 or np.count_nonzero(losses["nll_n"]) < 2:
         return {**record, "out_of_fold": None}
     fold_of = np.random.default_rng(0).permutation(n) % k
     splits = [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
-    identity = [float(s[_IDENTITY]) for s in _scores(losses, np.arange(n))]
+    identity = float(_nll(losses, np.arange(n))[_IDENTITY])
     best = None
     for family in FAMILIES:
         for ridge in RIDGE:
-            sums = dict.fromkeys(("nll", "nll_n", "rsna", "rsna_w", "any", "any_w"), 0.0)
-            for train, test in splits:
-                point = _fit_point(losses, train, family, ridge)
-                for key in ("nll", "rsna", "any"):
-                    sums[key] += losses[key][point, test].sum()
-                for key in ("nll_n", "rsna_w", "any_w"):
-                    sums[key] += losses[key][test].sum()
-            nll = sums["nll"] / max(sums["nll_n"], 1)
-            rsna = sums["rsna"] / max(sums["rsna_w"], _EPS) + (
-                sums["any"] / sums["any_w"] if sums["any_w"] else 0
-            )
-            if nll < identity[0] - 1e-9 and rsna <= identity[1] + 1e-9 and (best is None or nll < best[0]):
-                best = (float(nll), float(rsna), family, ridge)
+            total = sum(losses["nll"][_fit_point(losses, tr, family, ridge), te].sum() for tr, te in splits)
+            nll = float(total / max(losses["nll_n"].sum(), 1))
+            if nll < identity - 1e-9 and (best is None or nll < best[0]):
+                best = (nll, family, ridge)
     if best is None:
-        return {
-            **record,
-            "out_of_fold": {"threshold_log_loss": [identity[0]] * 2, "rsna_terms": [identity[1]] * 2},
-        }
-    point = _fit_point(losses, np.arange(n), best[2], best[3])
+        return {**record, "out_of_fold": {"threshold_log_loss": [identity, identity]}}
+    point = _fit_point(losses, np.arange(n), best[1], best[2])
     return {
         "temperature": float(np.exp(_GRID_LOG_T[point])),
         "bias": float(_GRID_BIAS[point]),
-        "family": best[2],
-        "ridge": best[3],
-        "out_of_fold": {"threshold_log_loss": [identity[0], best[0]], "rsna_terms": [identity[1], best[1]]},
+        "family": best[1],
+        "ridge": best[2],
+        "out_of_fold": {"threshold_log_loss": [identity, best[0]]},
     }
 
 
 def fit_calibration(threshold_probs, grades, *, folds: int = CV_FOLDS) -> dict:
-    """Per group, the maps `lumbar-tf calibrate` stores, and why: ``{group: {">=2,>=3": fit,
-    ">=1": fit}}``, each fit ``{"temperature", "bias", "family", "ridge", "out_of_fold"}``
-    (out-of-fold threshold log loss and RSNA terms, identity first).
+    """Per group and threshold, the maps `lumbar-tf calibrate` stores, and why: ``{group: {">=1":
+    fit, ">=2": fit, ">=3": fit}}``, each fit ``{"temperature", "bias", "family", "ridge",
+    "out_of_fold"}`` (out-of-fold threshold log loss, identity first).
 
-    >=2 and >=3 share one map, chosen under the constraint that the RSNA loss terms (which read only
-    them) do not rise; >=1, which the RSNA triple never reads, gets its own, on top of the first
-    (raised to at least the mapped >=2). Candidates are cross-validated over the studies
-    (`_cross_validated`).
+    Each map minimises the plain log loss of its threshold (honest probabilities; the submission's
+    decision rule, not the calibration, answers the RSNA metric's weights). >=2 is fitted first;
+    >=3 and >=1 then under the layer's monotone bound on the mapped >=2. Candidates are
+    cross-validated over the studies (`_cross_validated`).
     """
     from lumbar_tf.models.calibration import CONDITION_GROUP, GROUPS
 
@@ -248,10 +204,13 @@ def fit_calibration(threshold_probs, grades, *, folds: int = CV_FOLDS) -> dict:
     result = {}
     for g, group in enumerate(GROUPS):
         conditions = [c for c, cg in enumerate(CONDITION_GROUP) if cg == g]
-        upper = _cross_validated(_group_losses(z, grades, conditions, (1, 2)), n, folds)
-        floor = z[..., 1] / upper["temperature"] + upper["bias"]
-        first = _cross_validated(_group_losses(z, grades, conditions, (0,), floor=floor), n, folds)
-        result[group] = {">=2,>=3": upper, ">=1": first}
+        fits, anchor = {}, None
+        for t in FIT_ORDER:
+            fit = _cross_validated(_group_losses(z, grades, conditions, t, anchor=anchor), n, folds)
+            fits[L.THRESHOLDS[t]] = fit
+            if t == 1:
+                anchor = z[..., 1] / fit["temperature"] + fit["bias"]
+        result[group] = {k: fits[k] for k in L.THRESHOLDS}
     return result
 
 
@@ -259,59 +218,76 @@ def calibration_table(fitted: dict) -> tuple[list, list]:
     """(temperatures, biases) ``[group][threshold]`` of a `fit_calibration` result."""
     from lumbar_tf.models.calibration import GROUPS
 
-    rows = [(fitted[g][">=1"], fitted[g][">=2,>=3"]) for g in GROUPS]
     return (
-        [[a["temperature"], b["temperature"], b["temperature"]] for a, b in rows],
-        [[a["bias"], b["bias"], b["bias"]] for a, b in rows],
+        [[fitted[g][t]["temperature"] for t in L.THRESHOLDS] for g in GROUPS],
+        [[fitted[g][t]["bias"] for t in L.THRESHOLDS] for g in GROUPS],
     )
 
 
 def _rsna_total(threshold_probs, grades) -> float:
+    """RSNA loss of the submission these probabilities make (the metric's decision rule)."""
+    from lumbar_tf.training.metrics import submission_rsna_log_loss
+
+    return submission_rsna_log_loss(np.asarray(threshold_probs), grades)["total"]
+
+
+def _rsna_plain_total(threshold_probs, grades) -> float:
+    """RSNA loss of the plain triple (1 - p2, p2 - p3, p3) submitted as it is (the rule before)."""
     from lumbar_tf.training.metrics import rsna_log_loss
 
     return rsna_log_loss(L.rsna_triple(np.asarray(threshold_probs)), grades)["total"]
 
 
-def paired_bootstrap_se(before, after, grades, metric=None, *, n_boot: int = 200, seed: int = 0) -> float:
-    """Bootstrap standard error (studies resampled) of ``metric(after) - metric(before)``: the noise
-    a change of the RSNA loss on these studies is judged against."""
+def paired_bootstrap_se(
+    before, after, grades, metric=None, *, metric_before=None, n_boot: int = 200, seed: int = 0
+) -> float:
+    """Bootstrap standard error (studies resampled) of ``metric(after) - metric_before(before)``
+    (``metric_before`` defaults to ``metric``, which defaults to the submission's RSNA loss): the
+    noise a change of the RSNA loss on these studies is judged against."""
     metric = metric or _rsna_total
+    metric_before = metric_before or metric
     rng = np.random.default_rng(seed)
     n = len(grades)
     diffs = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
-        a, b = metric(after[idx], grades[idx]), metric(before[idx], grades[idx])
+        a, b = metric(after[idx], grades[idx]), metric_before(before[idx], grades[idx])
         if a is not None and b is not None:
             diffs.append(a - b)
     return float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
 
 
-def calibration_report(threshold_probs, grades, before=None, calibration=None) -> dict:
-    """ECE, threshold log loss and RSNA loss of the predictions; given the predictions ``before``
-    calibration (and the model's ``calibration`` tables), the same for those and the RSNA loss's
-    change with its paired bootstrap standard error over the studies (the noise to judge it by)."""
-    report = {
+def _scores(threshold_probs, grades) -> dict:
+    return {
         "expected_calibration_error": expected_calibration_error(threshold_probs, grades),
         "threshold_log_loss": threshold_log_loss(threshold_probs, grades),
         "rsna_log_loss": _rsna_total(threshold_probs, grades),
-        "temperatures": None,
-        "biases": None,
+        "rsna_log_loss_plain_triple": _rsna_plain_total(threshold_probs, grades),
     }
+
+
+def calibration_report(threshold_probs, grades, before=None, calibration=None) -> dict:
+    """ECE, threshold log loss and RSNA loss (of the submission, and of the plain triple for
+    reference) of the predictions; given the predictions ``before`` calibration (and the model's
+    ``calibration`` tables), the same for those and the change of the submission's RSNA loss with
+    its paired bootstrap standard error over the studies (the noise to judge it by): against the
+    uncalibrated model under the same rule (``rsna_log_loss_change``) and against the uncalibrated
+    model's plain triple, the submission before the decision rule (``..._vs_plain``)."""
+    report = {**_scores(threshold_probs, grades), "temperatures": None, "biases": None}
     if before is not None:
         from lumbar_tf.models.calibration import GROUPS
 
         if calibration is not None:
             report["temperatures"] = dict(zip(GROUPS, calibration[0], strict=True))
             report["biases"] = dict(zip(GROUPS, calibration[1], strict=True))
-        report["uncalibrated"] = {
-            "expected_calibration_error": expected_calibration_error(before, grades),
-            "threshold_log_loss": threshold_log_loss(before, grades),
-            "rsna_log_loss": _rsna_total(before, grades),
-        }
-        report["rsna_log_loss_change"] = report["rsna_log_loss"] - report["uncalibrated"]["rsna_log_loss"]
-        report["rsna_log_loss_change_se"] = paired_bootstrap_se(
-            np.asarray(before), np.asarray(threshold_probs), np.asarray(grades)
+        before, after, grades = np.asarray(before), np.asarray(threshold_probs), np.asarray(grades)
+        report["uncalibrated"] = _scores(before, grades)
+        old = report["uncalibrated"]
+        report["rsna_log_loss_change"] = report["rsna_log_loss"] - old["rsna_log_loss"]
+        report["rsna_log_loss_change_se"] = paired_bootstrap_se(before, after, grades)
+        report["rsna_log_loss_change_vs_plain"] = report["rsna_log_loss"] - old["rsna_log_loss_plain_triple"]
+        report["rsna_log_loss_change_vs_plain_se"] = paired_bootstrap_se(
+            before, after, grades, metric_before=_rsna_plain_total
         )
     return report
 

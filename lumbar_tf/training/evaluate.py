@@ -261,7 +261,7 @@ def format_metrics_table(metrics: dict) -> str:
         ("macro ROC-AUC", _fmt(metrics["macro_roc_auc"])),
         ("mean average precision", _fmt(metrics["mean_average_precision"])),
         ("accuracy / balanced", f"{_fmt(metrics['accuracy'])} / {_fmt(metrics['balanced_accuracy'])}"),
-        ("RSNA weighted log loss", _fmt(metrics["rsna_log_loss"]["total"])),
+        ("RSNA log loss (submitted rows)", _fmt(metrics["rsna_log_loss"]["total"])),
         ("  constant-prior baseline", _fmt(metrics["prior_rsna_log_loss"]["total"])),
     ]
     if metrics.get("bayes_limit"):
@@ -269,6 +269,13 @@ def format_metrics_table(metrics: dict) -> str:
         rows.append(
             ("  Bayes limit (loss / AUC)", f"{_fmt(b['rsna_log_loss'])} / {_fmt(b['macro_roc_auc'])}")
         )
+    calibration = metrics.get("calibration")
+    if calibration:
+        rows.append(("  plain triple (not submitted)", _fmt(calibration["rsna_log_loss_plain_triple"])))
+        ece = _fmt(calibration["expected_calibration_error"])
+        if "uncalibrated" in calibration:
+            ece = f"{_fmt(calibration['uncalibrated']['expected_calibration_error'])} -> {ece} calibrated"
+        rows.append(("ECE (threshold tasks)", ece))
     if "localizer_error_mm" in metrics:
         e = metrics["localizer_error_mm"]
         rows.append(("localiser error mm (median/p90)", f"{e['median']:.1f} / {e['p90']:.1f}"))

@@ -15,7 +15,9 @@ Definitions (DESIGN.md "Output contract"):
 - ``per_condition_f1`` (macro F1) and ``quadratic_weighted_kappa`` are computed per condition in
   one ordinal space: the 4 grades when every labelled cell of that condition has a fine grade,
   else the RSNA 3 classes for all its cells.
-- ``rsna_log_loss``: the RSNA 2024 competition metric (`rsna_log_loss`).
+- ``rsna_log_loss``: the RSNA 2024 competition metric (`rsna_log_loss`) of what a submission
+  holds, `core.labels.rsna_submission_triple` (the metric's decision rule), for the model and the
+  constant-prior anchor alike (`submission_rsna_log_loss`).
 Values that are undefined on the data given (no task with both classes, no labelled cell) are
 ``None`` (``null`` in JSON).
 """
@@ -256,6 +258,12 @@ def rsna_log_loss(rsna_probs, grades) -> dict:
     return {"total": _mean_or_none(parts), **{k: result[k] for k in RSNA_LOSS_KEYS[1:]}}
 
 
+def submission_rsna_log_loss(threshold_probs, grades) -> dict:
+    """`rsna_log_loss` of the rows a submission writer would write for these threshold probabilities
+    (`core.labels.rsna_submission_triple`; the any-severe term then reads the submitted severe)."""
+    return rsna_log_loss(L.rsna_submission_triple(threshold_probs), grades)
+
+
 # === Prior ===
 
 
@@ -345,7 +353,7 @@ def compute_metrics(threshold_probs, grades, prior_threshold_probs=None) -> dict
     prior_loss = None
     if prior_threshold_probs is not None:
         prior = np.broadcast_to(np.asarray(prior_threshold_probs, dtype=np.float64), probs.shape)
-        prior_loss = rsna_log_loss(L.rsna_triple(prior), codes)
+        prior_loss = submission_rsna_log_loss(prior, codes)
 
     return {
         "macro_roc_auc": macro_auc,
@@ -355,7 +363,7 @@ def compute_metrics(threshold_probs, grades, prior_threshold_probs=None) -> dict
         "per_condition_f1": per_condition_f1,
         "per_condition_roc_auc": per_condition_auc,
         "quadratic_weighted_kappa": kappa,
-        "rsna_log_loss": rsna_log_loss(L.rsna_triple(probs), codes),
+        "rsna_log_loss": submission_rsna_log_loss(probs, codes),
         "prior_rsna_log_loss": prior_loss,
         "n_studies": int(codes.shape[0]),
     }

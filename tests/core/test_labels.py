@@ -55,3 +55,29 @@ def test_probability_conversions():
     assert L.presence(p, fine_grades_known=False) == pytest.approx(0.5)
     assert L.LABEL_COLUMNS[0] == "spinal_canal_stenosis_l1_l2"
     assert L.LABEL_COLUMNS[-1] == "right_subarticular_stenosis_l5_s1"
+
+
+def test_submission_triple_is_the_argmin_of_the_weighted_log_loss():
+    """The metric weighs each cell's log loss by its true class (1/2/4), so the expected loss
+    -sum_c w_c p_c log q_c is least at q ∝ w p: found numerically here, from the plain triple."""
+    from scipy.optimize import minimize
+
+    w = np.asarray(L.RSNA_SEVERITY_WEIGHTS)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        p = np.sort(rng.uniform(size=3))[::-1]  # monotone P(>=1), P(>=2), P(>=3)
+        plain = L.rsna_triple(p).astype(np.float64)
+
+        def expected_loss(theta, plain=plain):
+            q = np.exp(theta - theta.max())
+            return -np.sum(w * plain * np.log(q / q.sum()))
+
+        best = minimize(expected_loss, np.zeros(3), method="BFGS", options={"gtol": 1e-10}).x
+        argmin = np.exp(best - best.max()) / np.exp(best - best.max()).sum()
+        submitted = L.rsna_submission_triple(p)
+        np.testing.assert_allclose(submitted, argmin, atol=1e-4)
+        assert expected_loss(np.log(submitted)) < expected_loss(np.log(plain)) - 1e-6
+    # Sums to 1, batched, and the weights move mass towards severe: (0.5, 0.3, 0.2) -> (5, 6, 8) / 19.
+    np.testing.assert_allclose(
+        L.rsna_submission_triple([[0.9, 0.5, 0.2]]), [[5 / 19, 6 / 19, 8 / 19]], atol=1e-6
+    )

@@ -462,7 +462,7 @@ def test_submission_rows_and_csv(tmp_path):
     assert len(rows) == 25
     assert rows[0][0] == "44036939_spinal_canal_stenosis_l1_l2"
     assert [r[0] for r in rows] == [f"44036939_{c}_{lv}" for c in labels.CONDITIONS for lv in labels.LEVELS]
-    for (_, nm, mo, se), triple in zip(rows, labels.rsna_triple(tp).reshape(25, 3)):
+    for (_, nm, mo, se), triple in zip(rows, labels.rsna_submission_triple(tp).reshape(25, 3)):
         np.testing.assert_allclose([nm, mo, se], triple, atol=1e-6)
         assert nm + mo + se == pytest.approx(1.0, abs=1e-6)
     path = write_submission(tmp_path / "submission.csv", rows + submission_rows("123", tp))

@@ -699,7 +699,7 @@ def test_bayes_predictor_is_calibrated_to_the_generator():
 def test_evaluate_reports_the_bayes_limit_of_a_phantom_folder(dataset, studies, tmp_path):
     """On a handful of rendered studies the Bayes predictor beats the prior; a folder without the
     latent file has no limit."""
-    from lumbar_tf.core.labels import rsna_triple
+    from lumbar_tf.core.labels import rsna_submission_triple
     from lumbar_tf.training.evaluate import bayes_limit, format_metrics_table
     from lumbar_tf.training.metrics import prior_threshold_probs_from_grades, rsna_log_loss
 
@@ -708,7 +708,7 @@ def test_evaluate_reports_the_bayes_limit_of_a_phantom_folder(dataset, studies, 
     limit = bayes_limit(dataset, ids, grades)
     prior = np.broadcast_to(prior_threshold_probs_from_grades(grades), (*grades.shape, 3))
     assert limit["n_studies"] == len(studies)
-    assert limit["rsna_log_loss"] < rsna_log_loss(rsna_triple(prior), grades)["total"]
+    assert limit["rsna_log_loss"] < rsna_log_loss(rsna_submission_triple(prior), grades)["total"]
     assert bayes_limit(tmp_path, ids, grades) is None
     metrics = {
         "n_studies": 4,

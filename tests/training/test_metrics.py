@@ -243,7 +243,7 @@ def test_prior_baseline_is_the_rsna_loss_of_a_constant_prediction():
     probs, grades = _fixture(seed=5)
     prior = M.prior_threshold_probs_from_grades(grades)
     out = M.compute_metrics(probs, grades, prior)
-    constant = L.rsna_triple(np.broadcast_to(prior, probs.shape))
+    constant = L.rsna_submission_triple(np.broadcast_to(prior, probs.shape))  # what a writer submits
     assert out["prior_rsna_log_loss"] == M.rsna_log_loss(constant, grades)
 
 
