@@ -190,9 +190,11 @@ def test_phantom_prediction_records_quality(tiny_export, phantom_dir):
         "curvature_deg",
         "neighbour_correlation",
         "entropy_bits",
+        "vertical_periodicity",
         "levels_at_view_edge",
     }
-    assert checks["neighbour_correlation"]["ok"] and checks["entropy_bits"]["ok"], checks
+    for name in ("neighbour_correlation", "entropy_bits", "vertical_periodicity"):
+        assert checks[name]["ok"], checks
     assert (quality.warning_for(preds["quality"]) in preds["warnings"]) == (not preds["quality"]["plausible"])
 
 
