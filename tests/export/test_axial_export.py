@@ -1,7 +1,10 @@
 """An axial model through every runtime (issue 11): the export writes ``localize`` + ``grade(ax_t2)``
 SavedModel signatures and a TFLite ``grade`` that takes the axial crops; the SavedModel, TFLite,
 gRPC and REST give the Keras model's predictions.json on a phantom study with an Axial T2 series,
-and a study without one still predicts through each, with the per-level warning."""
+and a study without one still predicts through each, with the per-level warning.
+
+Default suite: one SavedModel-only export shared by the module (SavedModel, gRPC, REST); the TFLite
+variants, the warm-up replay and the shared deadline are `slow` (conversion and sleeps)."""
 
 from __future__ import annotations
 
@@ -15,13 +18,7 @@ from lumbar_tf.core.contract import AXIAL_SIGNATURES, GRADE, LOCALIZE, OUTPUT_NA
 from tests.axial.test_axial_model import AXIAL_OVERRIDES
 
 NAME = "lumbar_spine"
-VARIANT = "float32"
-FORMATS = {
-    "saved_model": "saved_model",
-    "tflite": f"tflite_{VARIANT}",
-    "grpc": "saved_model",
-    "rest": "saved_model",
-}
+FORMATS = {"keras": "keras", "saved_model": "saved_model", "grpc": "saved_model", "rest": "saved_model"}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +50,11 @@ def axial_model_file(axial_cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def axial_cache(phantom_dir, axial_cfg, tmp_path_factory):
-    """Two phantom studies prepared with the axial view (the export's representative studies)."""
+    """One phantom study prepared with the axial view (the export's representative study)."""
     from lumbar_tf.data.dataset import prepare_cache, read_index
 
     cache = tmp_path_factory.mktemp("axial_export_cache") / "cache"
-    ids = read_index(phantom_dir).study_ids[:2]
+    ids = read_index(phantom_dir).study_ids[:1]
     prepare_cache(phantom_dir, cache, axial_cfg.preprocess, progress=False, study_ids=ids)
     return cache
 
@@ -68,7 +65,7 @@ def axial_export(axial_model_file, axial_cache, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("axial_export") / "export"
     report = export_model(
-        axial_model_file, out, tflite=(VARIANT,), cache_dir=axial_cache, representative_size=2, progress=False
+        axial_model_file, out, tflite=(), cache_dir=axial_cache, representative_size=1, progress=False
     )
     return out, report
 
@@ -92,14 +89,12 @@ def _predictors(axial_model_file, axial_export, served):
     from lumbar_tf.runtime.serving.grpc import GrpcClient
     from lumbar_tf.runtime.serving.predictor import ServingPredictor
     from lumbar_tf.runtime.serving.rest import RestClient
-    from lumbar_tf.runtime.tflite_model import EdgeModel
 
     out, report = axial_export
     grpc_target, rest_url = served
     return {
         "keras": KerasPredictor(axial_model_file),
         "saved_model": SavedModelPredictor(out / "saved_model" / NAME / str(report["version"])),
-        "tflite": EdgeModel(out / "tflite" / f"{NAME}_{VARIANT}.tflite"),
         "grpc": ServingPredictor(GrpcClient(grpc_target, timeout_s=30.0, retries=1)),
         "rest": ServingPredictor(RestClient(rest_url, timeout_s=30.0, retries=1)),
     }
@@ -121,13 +116,11 @@ def _probs(preds: dict) -> np.ndarray:
 
 def test_the_export_writes_both_calls_and_describes_the_axial_input(axial_export, axial_cfg):
     """SavedModel: ``grade`` (also serving_default) takes the views and ``ax_t2``, ``localize`` the
-    localiser view; the report compares with Keras on covered axial crops; metadata.json, the TFLite
-    file's signatures, its standard metadata and the warm-up requests all name the new input."""
+    localiser view; the report compares with Keras on covered axial crops; metadata.json and the
+    warm-up requests name the new input (the TFLite files: the slow test below)."""
     import tensorflow as tf
 
-    from lumbar_tf.export.tflite_metadata import read_litert_metadata
     from lumbar_tf.export.warmup import read_warmup_requests
-    from lumbar_tf.runtime.tflite_model import read_embedded_metadata
 
     out, report = axial_export
     p = axial_cfg.preprocess
@@ -135,7 +128,6 @@ def test_the_export_writes_both_calls_and_describes_the_axial_input(axial_export
     assert report["representative"]["axial_levels_covered"] > 0
     assert max(report["saved_model"]["max_abs_diff"].values()) < 1e-3
     assert "localize_level_xy" in report["saved_model"]["max_abs_diff"]
-    assert max(report["tflite"][VARIANT]["max_abs_diff"].values()) < 1e-3
 
     signatures = tf.saved_model.load(str(version)).signatures
     assert {LOCALIZE, GRADE, SERVING_SIGNATURE, "metadata"} <= set(signatures)
@@ -153,15 +145,6 @@ def test_the_export_writes_both_calls_and_describes_the_axial_input(axial_export
     assert axial["call_order"] == list(AXIAL_SIGNATURES) == [LOCALIZE, GRADE]
     assert set(axial["signatures"][GRADE]["inputs"]) == {"sag_t2", "sag_t1", "ax_t2"}
 
-    content = (out / "tflite" / f"{NAME}_{VARIANT}.tflite").read_bytes()
-    embedded = read_embedded_metadata(content)
-    assert embedded["signatures"][GRADE]["inputs"]["ax_t2"]["shape"] == [None, p.crop_size, p.crop_size, 3]
-    assert embedded["axial"]["name"] == "ax_t2" and "ax_t2" in embedded["runner"]
-    standard = read_litert_metadata(content)
-    grade_graph = next(g for g in standard["subgraph_metadata"] if g["name"] == GRADE)
-    described = {t["name"]: t["description"] for t in grade_graph["input_tensor_metadata"]}
-    assert "Axial T2" in described["ax_t2"] and "zeros" in described["ax_t2"]
-
     logs = read_warmup_requests(version)
     called = [log.predict_log.request.model_spec.signature_name for log in logs]
     assert called == [LOCALIZE, GRADE] * (len(logs) // 2) and logs
@@ -169,6 +152,7 @@ def test_the_export_writes_both_calls_and_describes_the_axial_input(axial_export
     assert report["saved_model"]["warmup"]["signatures"] == called
 
 
+@pytest.mark.slow
 def test_warmup_requests_are_answered_by_the_exported_model(axial_export):
     from lumbar_tf.export.warmup import read_warmup_requests
     from tests.export.test_warmup import _replay
@@ -179,49 +163,39 @@ def test_warmup_requests_are_answered_by_the_exported_model(axial_export):
     assert [sorted(a) for a in answers[:2]] == [["level_xy"], sorted(OUTPUT_NAMES)]
 
 
-def test_every_runtime_gives_the_keras_predictions_on_a_study_with_axial_input(
-    axial_model_file, axial_export, served, phantom_dir
-):
-    """Same projections (so the same slices and points), the same probabilities as Keras; and the
-    axial input counts (its crops are not zeros)."""
-    from lumbar_tf.runtime.predictor import predict_study
-
-    study_dir = sorted((phantom_dir / "train_images").iterdir())[0]
-    results = {
-        k: predict_study(p, study_dir) for k, p in _predictors(axial_model_file, axial_export, served).items()
-    }
-    keras = results.pop("keras")
-    assert any(e["covered"] for e in keras.predictions["axial"])
-    assert keras.axial[1].max() > 0
-    for runtime, result in results.items():
-        got = result.predictions
-        _assert_same_projections(got["axial"], keras.predictions["axial"], runtime)
-        assert got["series"] == keras.predictions["series"], runtime
-        # level_xy agrees to float rounding, so the crops to a grey level of uint8 rounding
-        assert np.abs(result.axial[1].astype(int) - keras.axial[1]).max() <= 1, runtime
-        np.testing.assert_allclose(_probs(got), _probs(keras.predictions), atol=1e-3, err_msg=runtime)
-        np.testing.assert_allclose(result.level_xy, keras.level_xy, atol=1e-3, err_msg=runtime)
-        assert got["model"]["format"] == FORMATS[runtime]
-
-
-def test_a_study_without_axial_series_predicts_through_every_runtime_with_the_warning(
+def test_every_runtime_gives_the_keras_predictions_with_and_without_axial_series(
     axial_model_file, axial_export, served, phantom_dir, tmp_path
 ):
+    """A study with Axial T2: the same projections (so the same slices and points) and the same
+    probabilities as Keras, the axial input non-zero. The same study without it: every runtime
+    still predicts, with the per-level warning, and agrees with Keras."""
     from lumbar_tf.runtime.predictor import predict_study
     from tests.runtime.test_predict import copy_study_without
 
     study_dir = sorted((phantom_dir / "train_images").iterdir())[0]
     bare = copy_study_without(study_dir, tmp_path, descriptions=("Axial T2",))
     predictors = _predictors(axial_model_file, axial_export, served)
-    results = {k: predict_study(p, bare, series_descriptions={}).predictions for k, p in predictors.items()}
-    keras = results.pop("keras")
-    for runtime, preds in [("keras", keras), *results.items()]:
-        assert sum("no axial coverage" in w for w in preds["warnings"]) == labels.N_LEVELS, runtime
-        assert preds["series"]["ax_t2"] is None and not any(e["covered"] for e in preds["axial"])
-    for runtime, preds in results.items():
-        np.testing.assert_allclose(_probs(preds), _probs(keras), atol=1e-3, err_msg=runtime)
+    keras = predict_study(predictors["keras"], study_dir)
+    keras_bare = predict_study(predictors["keras"], bare, series_descriptions={}).predictions
+    assert any(e["covered"] for e in keras.predictions["axial"]) and keras.axial[1].max() > 0
+    for runtime, predictor in predictors.items():
+        result = predict_study(predictor, study_dir)
+        got = result.predictions
+        assert got["model"]["format"] == FORMATS[runtime]
+        _assert_same_projections(got["axial"], keras.predictions["axial"], runtime)
+        assert got["series"] == keras.predictions["series"], runtime
+        # level_xy agrees to float rounding, so the crops to a grey level of uint8 rounding
+        assert np.abs(result.axial[1].astype(int) - keras.axial[1]).max() <= 1, runtime
+        np.testing.assert_allclose(_probs(got), _probs(keras.predictions), atol=1e-3, err_msg=runtime)
+        np.testing.assert_allclose(result.level_xy, keras.level_xy, atol=1e-3, err_msg=runtime)
+
+        no_axial = predict_study(predictor, bare, series_descriptions={}).predictions
+        assert sum("no axial coverage" in w for w in no_axial["warnings"]) == labels.N_LEVELS, runtime
+        assert no_axial["series"]["ax_t2"] is None and not any(e["covered"] for e in no_axial["axial"])
+        np.testing.assert_allclose(_probs(no_axial), _probs(keras_bare), atol=1e-3, err_msg=runtime)
 
 
+@pytest.mark.slow
 def test_the_two_serving_calls_share_one_deadline(axial_export, phantom_dir):
     """Each call alone fits the client's timeout, both together do not: the study fails with
     DEADLINE_EXCEEDED instead of taking twice the timeout."""
@@ -244,32 +218,60 @@ def test_the_two_serving_calls_share_one_deadline(axial_export, phantom_dir):
 
 
 @pytest.mark.slow
-def test_every_tflite_variant_takes_the_axial_crops(axial_model_file, axial_cache, phantom_dir, tmp_path):
-    """float16, dynamic and int8 (calibrated on the cache's studies, axial crops included) are
-    written, agree with Keras within the export's own checks and predict a study with axial input."""
+def test_every_tflite_variant_takes_the_axial_crops(
+    axial_model_file, axial_cache, axial_cfg, phantom_dir, tmp_path
+):
+    """Every variant (int8 calibrated on the cache's study, axial crops included) is written, names
+    ``ax_t2`` in its embedded and standard metadata, agrees with Keras in the export's check and on
+    a study with and without Axial T2 through `predict_study` (the warning per level)."""
     from lumbar_tf.export.job import export_model
     from lumbar_tf.export.tflite import VARIANTS
+    from lumbar_tf.export.tflite_metadata import read_litert_metadata
     from lumbar_tf.runtime.keras_model import KerasPredictor
     from lumbar_tf.runtime.predictor import predict_study
-    from lumbar_tf.runtime.tflite_model import EdgeModel
+    from lumbar_tf.runtime.tflite_model import EdgeModel, read_embedded_metadata
+    from tests.runtime.test_predict import copy_study_without
 
+    out = tmp_path / "export"
     report = export_model(
-        axial_model_file,
-        tmp_path / "export",
-        tflite=VARIANTS,
-        cache_dir=axial_cache,
-        representative_size=2,
-        progress=False,
+        axial_model_file, out, tflite=VARIANTS, cache_dir=axial_cache, representative_size=1, progress=False
     )
     assert report["int8_calibration"]["kind"] == "training"
+    p = axial_cfg.preprocess
     study_dir = sorted((phantom_dir / "train_images").iterdir())[0]
-    keras = predict_study(KerasPredictor(axial_model_file), study_dir).predictions
+    bare = copy_study_without(study_dir, tmp_path, descriptions=("Axial T2",))
+    keras_predictor = KerasPredictor(axial_model_file)
+    keras = predict_study(keras_predictor, study_dir)
+    keras_bare = predict_study(keras_predictor, bare, series_descriptions={}).predictions
     for variant in VARIANTS:
         info = report["tflite"][variant]
-        assert info["published"], variant
         limit = 1e-3 if variant == "float32" else 0.1
-        assert info["max_abs_diff"]["threshold_probs"] < limit, variant
-        edge = EdgeModel(tmp_path / "export" / "tflite" / f"{NAME}_{variant}.tflite")
-        preds = predict_study(edge, study_dir).predictions
-        assert preds["model"]["format"] == f"tflite_{variant}"
-        np.testing.assert_allclose(_probs(preds), _probs(keras), atol=limit, err_msg=variant)
+        assert info["published"] and info["max_abs_diff"]["threshold_probs"] < limit, variant
+        path = out / "tflite" / f"{NAME}_{variant}.tflite"
+        content = path.read_bytes()
+        embedded = read_embedded_metadata(content)
+        assert embedded["signatures"][GRADE]["inputs"]["ax_t2"]["shape"] == [
+            None,
+            p.crop_size,
+            p.crop_size,
+            3,
+        ]
+        assert embedded["axial"]["name"] == "ax_t2" and "ax_t2" in embedded["runner"]
+        grade_graph = next(
+            g for g in read_litert_metadata(content)["subgraph_metadata"] if g["name"] == GRADE
+        )
+        described = {t["name"]: t["description"] for t in grade_graph["input_tensor_metadata"]}
+        assert "Axial T2" in described["ax_t2"] and "zeros" in described["ax_t2"]
+
+        edge = EdgeModel(path)
+        result = predict_study(edge, study_dir)
+        assert result.predictions["model"]["format"] == f"tflite_{variant}"
+        if variant == "float32":
+            _assert_same_projections(result.predictions["axial"], keras.predictions["axial"], variant)
+            assert np.abs(result.axial[1].astype(int) - keras.axial[1]).max() <= 1
+        np.testing.assert_allclose(
+            _probs(result.predictions), _probs(keras.predictions), atol=limit, err_msg=variant
+        )
+        no_axial = predict_study(edge, bare, series_descriptions={}).predictions
+        assert sum("no axial coverage" in w for w in no_axial["warnings"]) == labels.N_LEVELS, variant
+        np.testing.assert_allclose(_probs(no_axial), _probs(keras_bare), atol=limit, err_msg=variant)
