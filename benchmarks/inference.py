@@ -17,6 +17,15 @@ tensors to 16 views (localize) and 80 crops (grade) per invoke. DICOM -> views p
 once, separately (it is the same numpy code for every runtime).
 
 Writes a Markdown table to ``benchmarks/inference_results.md`` (``--md``) and prints it.
+
+``--axial`` measures an axial model (issue 11) instead: the CPU demo sizes with ``preprocess.axial``,
+untrained, exported (``--variants``), on phantom studies with Axial T2 series. Per-study latency is
+then the two-call path of `runtime.predictor.predict_study` without reading the study and building
+its views: ``localize`` -> `lumbar_tf.axial` projection + axial crops (numpy, decoding the chosen
+axial slices) -> ``grade`` with ``ax_t2``, for Keras, the SavedModel, each TFLite variant, and gRPC
+and REST clients against the in-process TF Serving stand-ins of ``tests/serving_fixtures.py``
+(loopback, serialisation and the stand-in's Python, not a TF Serving binary). It writes its own
+section of the Markdown file and keeps the sagittal table.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "cpu_demo"  # built-in config (package data)
 NAME = "lumbar_spine"
+AXIAL_BEGIN, AXIAL_END = "<!-- axial-inference:begin -->", "<!-- axial-inference:end -->"
 
 
 def _dir_size(path: Path) -> int:
@@ -113,7 +123,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40, help="timed calls at batch 1")
     parser.add_argument("--batch-repeats", type=int, default=8, help="timed calls at batch 16")
     parser.add_argument("--md", type=Path, default=Path(__file__).with_name("inference_results.md"))
+    parser.add_argument("--axial", action="store_true", help="an axial model, two calls per study")
+    parser.add_argument("--variants", default="float32,int8", help="--axial: TFLite variants to export")
     args = parser.parse_args()
+    if args.axial:
+        axial_main(args)
+        return
 
     from lumbar_tf.runtime.artifacts import resolve_model
     from lumbar_tf.runtime.keras_model import load_model
@@ -216,6 +231,153 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:
+        kept = _axial_section(args.md.read_text()) if args.md.is_file() else ""
+        args.md.write_text(text + (f"\n{kept}\n" if kept else ""))
+
+
+def _axial_section(text: str) -> str:
+    if AXIAL_BEGIN not in text or AXIAL_END not in text:
+        return ""
+    return text[text.index(AXIAL_BEGIN) : text.index(AXIAL_END) + len(AXIAL_END)]
+
+
+# === The axial model: two calls per study ===
+
+
+def build_axial_export(work: Path, variants: tuple[str, ...]) -> tuple[Path, Path]:
+    """An untrained axial model at the CPU demo sizes, exported (int8 calibrated on phantoms)."""
+    from lumbar_tf.core.config import load_config
+    from lumbar_tf.export.job import export_model
+    from lumbar_tf.models.end_to_end import build_end_to_end, grader_input_names
+    from lumbar_tf.models.networks import build_grader, build_localizer
+
+    cfg = load_config(DEMO_CONFIG, ["preprocess.axial={}"])
+    p = cfg.preprocess
+    names = grader_input_names(p)
+    model = build_end_to_end(
+        build_localizer(p.view_size, cfg.model),
+        build_grader(p.crop_size, names, cfg.model, own_backbone=(p.axial.name,)),
+        p,
+    )
+    model_file = work / "model" / "model.keras"
+    model_file.parent.mkdir(parents=True)
+    model.save(model_file)
+    export = work / "export"
+    export_model(
+        model_file, export, tflite=variants, representative_size=4, calibrate_on_phantoms=True, progress=False
+    )
+    return model_file, export
+
+
+def axial_studies(cfg, n: int, work: Path) -> list[tuple]:
+    """``n`` phantom studies read and turned into views once: (study, batch, grid, info) each."""
+    from lumbar_tf.dicom.reader import read_study
+    from lumbar_tf.preprocess import build_views
+    from lumbar_tf.synthetic.phantom import synthesize_dataset
+
+    data_dir = synthesize_dataset(work / "phantoms", n, seed=2024)
+    out = []
+    for study_dir in sorted((data_dir / "train_images").iterdir())[:n]:
+        study = read_study(study_dir)
+        views, grid, info, _ = build_views(study, cfg)
+        batch = {name: np.asarray(views[name])[None] for name in cfg.view_names}
+        out.append((study, batch, grid, info))
+    return out
+
+
+def axial_main(args) -> None:
+    sys.path.insert(0, str(REPO))  # tests/serving_fixtures.py: the in-process TF Serving stand-ins
+    from lumbar_tf.runtime.keras_model import KerasPredictor
+    from lumbar_tf.runtime.predictor import axial_inputs
+    from lumbar_tf.runtime.saved_model import SavedModelPredictor
+    from lumbar_tf.runtime.serving.grpc import GrpcClient
+    from lumbar_tf.runtime.serving.predictor import ServingPredictor
+    from lumbar_tf.runtime.serving.rest import RestClient
+    from lumbar_tf.runtime.tflite_model import EdgeModel
+    from tests.serving_fixtures import ModelRepository, grpc_server, rest_server
+
+    variants = tuple(v for v in args.variants.split(",") if v)
+    work = Path(tempfile.mkdtemp(prefix="lumbar_bench_axial_"))
+    try:
+        t = time.perf_counter()
+        model_file, export = build_axial_export(work, variants)
+        export_s = time.perf_counter() - t
+        saved_dir = sorted((export / "saved_model" / NAME).iterdir())[-1]
+        predictors = {"keras": KerasPredictor(model_file), "saved_model": SavedModelPredictor(saved_dir)}
+        for variant in variants:
+            predictors[f"tflite_{variant}"] = EdgeModel(export / "tflite" / f"{NAME}_{variant}.tflite")
+        cfg = predictors["keras"].preprocess
+        studies = axial_studies(cfg, args.studies, work)
+        repository = ModelRepository({NAME: export / "saved_model" / NAME})
+        with grpc_server({}, repository=repository) as g, rest_server({}, repository=repository) as r:
+            predictors["grpc"] = ServingPredictor(GrpcClient(g.target, timeout_s=60.0, retries=1))
+            predictors["rest"] = ServingPredictor(RestClient(r.base_url, timeout_s=60.0, retries=1))
+            timings = {k: {"study": [], "numpy": []} for k in predictors}
+
+            def one_study(key, predictor, item) -> None:
+                study, batch, grid, info = item
+                t0 = time.perf_counter()
+                level_xy = predictor.localize_views(batch)
+                t1 = time.perf_counter()
+                _, crops = axial_inputs(predictor, study, batch, grid, info, level_xy=level_xy)
+                t2 = time.perf_counter()
+                predictor.predict_views(batch, axial=crops[None])
+                timings[key]["study"].append(time.perf_counter() - t0)
+                timings[key]["numpy"].append(t2 - t1)
+
+            for key, predictor in predictors.items():  # warm-up: tracing, allocation, connections
+                for item in studies[:2]:
+                    one_study(key, predictor, item)
+                timings[key] = {"study": [], "numpy": []}
+            rounds = 4  # interleaved, so a change in machine load hits every runtime alike
+            per_round = max(1, args.repeats // rounds)
+            for _ in range(rounds):
+                for key, predictor in predictors.items():
+                    for k in range(per_round):
+                        one_study(key, predictor, studies[k % len(studies)])
+            predictors["grpc"].close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    base = statistics.median(timings["saved_model"]["study"])
+    lines = [
+        AXIAL_BEGIN,
+        "## Axial model (issue 11): per-study latency with the third view, two calls",
+        "",
+        f"Command: `.venv/bin/python benchmarks/inference.py --axial` ({' '.join(sys.argv[1:])})",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with "
+        "other jobs (ratios within this run are the comparable figures).",
+        f"Model: untrained end-to-end axial model at the CPU demo config sizes (view {cfg.view_size} px, "
+        f"crop {cfg.crop_size} px, views {', '.join(cfg.view_names)} + {cfg.axial.name} "
+        f"{cfg.axial.crop_mm:g} mm, {cfg.axial.channels} slices), exported in {export_s:.0f} s; "
+        f"{len(studies)} phantom studies with Axial T2 series; {per_round * rounds} timed studies per "
+        "runtime in 4 interleaved rounds after warm-up.",
+        "Latency = `localize` -> numpy projection + axial crops (`lumbar_tf.axial`, decoding the chosen "
+        "axial slices) -> `grade` with `ax_t2`; study reading and view building excluded (shared).",
+        "",
+        "| runtime | latency median (ms) | p95 (ms) | vs SavedModel | numpy projection + crop median (ms) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, t in timings.items():
+        median = statistics.median(t["study"])
+        lines.append(
+            f"| {key} | {1e3 * median:.1f} | {1e3 * float(np.percentile(t['study'], 95)):.1f} | "
+            f"{base / median:.2f}x | {1e3 * statistics.median(t['numpy']):.1f} |"
+        )
+    lines += [
+        "",
+        "grpc / rest: `ServingPredictor` against the in-process stand-ins of `tests/serving_fixtures.py` "
+        "(the SavedModel run by TensorFlow in the same machine, over loopback): two requests per study "
+        "under one deadline; the figures show the client's cost of the second call, not TF Serving's.",
+        AXIAL_END,
+    ]
+    section = "\n".join(lines)
+    print(section)
+    if args.md:
+        old = args.md.read_text() if args.md.is_file() else ""
+        kept = _axial_section(old)
+        text = old.replace(kept, section) if kept else old.rstrip("\n") + "\n\n" + section + "\n"
         args.md.write_text(text)
 
 

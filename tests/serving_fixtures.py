@@ -457,6 +457,8 @@ def _rest_handler(repository: ModelRepository):
                     200,
                     {"predictions": [{k: _json_value(v[i]) for k, v in outputs.items()} for i in range(n)]},
                 )
+            elif len(outputs) == 1:  # TF Serving drops the name of a signature's only output
+                self._reply(200, {"outputs": _json_value(next(iter(outputs.values())))})
             else:
                 self._reply(200, {"outputs": {k: _json_value(v) for k, v in outputs.items()}})
 

@@ -35,6 +35,12 @@ LEVEL_INDEX = "level_index"
 LEVEL_XY = "level_xy"
 THRESHOLD_PROBS = "threshold_probs"
 TFLITE_METADATA_NAME = "lumbar_tf_metadata"  # flatbuffer metadata entry holding the JSON metadata
+# An axial model's SavedModel (issue 11): the axial crops depend on where the levels are, so a study
+# takes two calls, in this order: ``localize`` (localiser view -> level_xy), the client projects the
+# levels onto the Axial T2 series with `lumbar_tf.axial`, then ``grade`` (views + the axial input
+# ``[B, 5, S, S, C]``, named by ``preprocess.axial.name``) -> the `OUTPUT_SPECS` tensors. ``grade`` is
+# also that SavedModel's ``serving_default``. metadata.json ``axial`` describes the input.
+AXIAL_SIGNATURES = (LOCALIZE, GRADE)
 
 # Files.
 MODEL_FILE = "model.keras"  # a run folder's end-to-end model

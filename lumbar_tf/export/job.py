@@ -28,9 +28,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from lumbar_tf.core.config import config_to_dict
+from lumbar_tf.core.contract import (
+    AXIAL_SIGNATURES,
+    INTENDED_USE,
+    LEVEL_XY,
+    METADATA_FILE,
+    OUTPUT_SPECS,
+    SERVING_SIGNATURE,
+)
 from lumbar_tf.core.contract import EXPORT_REPORT_FILE as REPORT_FILE
-from lumbar_tf.core.contract import INTENDED_USE, METADATA_FILE, OUTPUT_SPECS, SERVING_SIGNATURE
 from lumbar_tf.core.errors import ExportError
 from lumbar_tf.core.io import write_json_atomic
 from lumbar_tf.export import verify
@@ -43,7 +52,6 @@ from lumbar_tf.export.publish import (
 )
 from lumbar_tf.export.saved_model import (
     SAVED_MODEL_TOLERANCE,
-    refuse_axial,
     write_edge_saved_model,
     write_saved_model,
 )
@@ -168,7 +176,6 @@ def export_model(
         raise ExportError(f"{out}: exists and is not a folder")
 
     loaded = _load(run_or_file)  # before anything is written: a bad model leaves nothing behind
-    refuse_axial(loaded.preprocess, loaded.path)
     cfg = loaded.preprocess
     model_dir = out / "saved_model" / name
     if version is not None and (model_dir / str(version)).exists():
@@ -195,14 +202,26 @@ def export_model(
         )
         views = studies["views"]
         say(f"representative studies: {len(studies['study_id'])} from {source}")
-        reference = loaded.predict_views(views)
+        # An axial model is compared on the studies' own axial crops: every artefact gets the same.
+        axial = verify.axial_inputs(studies, cfg)
+        reference = loaded.predict_views(views, axial=axial)
         report["representative"] = {"source": source, "n_studies": len(studies["study_id"])}
+        if axial is not None:
+            covered = int(np.sum(studies["axial_valid"]))
+            if covered == 0:
+                raise ExportError(
+                    f"{loaded.path}: no representative study has {cfg.axial.series_description} "
+                    f"coverage ({source}): the axial input could not be checked"
+                )
+            report["representative"]["axial_levels_covered"] = covered
         if calibration is not None:
             report["int8_calibration"] = calibration
 
         # 2. SavedModel into a hidden staging folder, checked against Keras. Its `metadata` signature
         # serves this version's metadata (the number is TF Serving's: it is chosen at publishing).
-        say(f"SavedModel: {SERVING_SIGNATURE} ({', '.join(cfg.view_names)} -> {', '.join(OUTPUT_SPECS)})")
+        signatures = SERVING_SIGNATURE if axial is None else " then ".join(AXIAL_SIGNATURES)
+        inputs = [*cfg.view_names, *([] if axial is None else [cfg.axial.name])]
+        say(f"SavedModel: {signatures} ({', '.join(inputs)} -> {', '.join(OUTPUT_SPECS)})")
         model_dir.mkdir(parents=True, exist_ok=True)
         extra = {"int8_calibration": calibration} if calibration else None
         served = build_metadata(
@@ -211,8 +230,10 @@ def export_model(
         served["version"] = None
         write_saved_model(loaded.model, cfg, staging, metadata=served)
         saved = SavedModelRunner(staging)
-        saved_out = saved.predict_views(views)
+        saved_out = saved.predict_views(views, axial=axial)
         diffs = {k: max_diff(saved_out[k], reference[k]) for k in OUTPUT_SPECS}
+        if axial is not None:  # the level_xy the client projects with comes from localize
+            diffs["localize_level_xy"] = max_diff(saved.localize_views(views), reference[LEVEL_XY])
         if max(diffs.values()) > SAVED_MODEL_TOLERANCE:
             raise ExportError(
                 f"{loaded.path}: the SavedModel differs from the Keras model by {max(diffs.values()):.2e}"
@@ -220,7 +241,13 @@ def export_model(
         report["saved_model"] = {"max_abs_diff": diffs}
         from lumbar_tf.export.warmup import write_warmup_requests
 
-        report["saved_model"]["warmup"] = write_warmup_requests(staging, views, name)
+        report["saved_model"]["warmup"] = write_warmup_requests(
+            staging,
+            views,
+            name,
+            axial=None if axial is None else {cfg.axial.name: axial},
+            localizer_view=cfg.localizer_view,
+        )
 
         # 3. TFLite variants (two signatures), checked against Keras on the same studies.
         tflite_files: dict[str, Path] = {}
@@ -230,7 +257,7 @@ def export_model(
 
             edge_sm = work / "edge_saved_model"
             write_edge_saved_model(loaded.model, cfg, edge_sm)
-            samples = calibration_samples(views, reference["level_xy"], cfg) if calibration else None
+            samples = calibration_samples(views, reference[LEVEL_XY], cfg, axial) if calibration else None
             edge_meta = {"preprocess": config_to_dict(cfg), "label_semantics": label_semantics_of(loaded)}
             report["tflite"] = {}
             for variant in variants:
@@ -238,7 +265,8 @@ def export_model(
                 path = work / f"{name}_{variant}.tflite"
                 content, notes = convert_tflite(edge_sm, variant, samples)
                 path.write_bytes(content)
-                got = EdgeModel(path, metadata={**edge_meta, "variant": variant}).predict_views(views)
+                edge = EdgeModel(path, metadata={**edge_meta, "variant": variant})
+                got = edge.predict_views(views, axial=axial)
                 report["tflite"][variant] = {
                     "size_bytes": path.stat().st_size,
                     "max_abs_diff": {k: max_diff(got[k], reference[k]) for k in OUTPUT_SPECS},

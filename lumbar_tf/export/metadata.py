@@ -16,6 +16,7 @@ import numpy as np
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.config import config_to_dict
 from lumbar_tf.core.contract import (
+    AXIAL_SIGNATURES,
     GRADE,
     INTENDED_USE,
     LEVEL_INDEX,
@@ -134,11 +135,12 @@ def build_metadata(
     if evaluation_metrics is not None:
         metrics["evaluation"] = evaluation_metrics
     semantics = label_semantics_of(loaded)
+    axial = axial_description(cfg)
     return {
         "name": name,
         "version": int(version),
         "format": "saved_model",
-        "signature": SERVING_SIGNATURE,
+        "signature": SERVING_SIGNATURE if axial is None else GRADE,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "intended_use": INTENDED_USE,
@@ -168,6 +170,7 @@ def build_metadata(
             }
             for spec in cfg.views
         ],
+        **({} if axial is None else {"axial": axial}),
         "preprocess": config_to_dict(cfg),
         "outputs": {
             key: {"shape": shape, "dtype": "float32", "meaning": meaning}
@@ -178,6 +181,52 @@ def build_metadata(
         "metrics": metrics,
         "source_model": str(loaded.path),
         **(extra or {}),
+    }
+
+
+def axial_description(cfg) -> dict | None:
+    """metadata.json ``axial``: the axial model's third input and the two calls it takes (None for
+    a sagittal-only model, whose ``serving_default`` answers in one call)."""
+    a = cfg.axial
+    if a is None:
+        return None
+    c, s = cfg.crop_size, cfg.view_size
+    n = a.neighbours
+    channels = [
+        f"{a.series_description} slice {abs(k)} {'towards the head' if k > 0 else 'towards the feet'} "
+        "of the chosen slice (zeros past the stack's end)"
+        if k
+        else f"{a.series_description} slice nearest the level's point (lumbar_tf.axial.project_levels)"
+        for k in range(-n, n + 1)
+    ]
+    return {
+        "name": a.name,
+        "series_description": a.series_description,
+        "shape": [None, L.N_LEVELS, c, c, a.channels],
+        "dtype": "float32",
+        "value_range": [0, 255],
+        "crop_mm": a.crop_mm,
+        "channels": channels,
+        "missing": "a level no axial stack covers is all zeros (predictions.json warns)",
+        "call_order": list(AXIAL_SIGNATURES),
+        "signatures": {
+            LOCALIZE: {
+                "inputs": {cfg.localizer_view: {"shape": [None, s, s, 3], "dtype": "float32"}},
+                "outputs": {LEVEL_XY: {"shape": [None, L.N_LEVELS, 2], "dtype": "float32"}},
+            },
+            GRADE: {
+                "inputs": {
+                    **{v: {"shape": [None, s, s, 3], "dtype": "float32"} for v in cfg.view_names},
+                    a.name: {"shape": [None, L.N_LEVELS, c, c, a.channels], "dtype": "float32"},
+                },
+                "outputs": sorted(OUTPUT_SPECS),
+            },
+        },
+        "how": (
+            f"call {LOCALIZE}, project its level_xy onto the {a.series_description} series and crop "
+            f"{a.crop_mm:g} mm around each level (lumbar_tf.axial.project_levels + axial_crops, "
+            f"as lumbar_tf.runtime.predictor.predict_study does), then call {GRADE}"
+        ),
     }
 
 
@@ -198,6 +247,7 @@ TFLITE_KEEP = (
     "thresholds",
     "rsna_columns",
     "views",
+    "axial",
     "preprocess",
 )
 
@@ -210,6 +260,18 @@ def tflite_metadata(meta: dict, variant: str, file_name: str, quantization: str)
     out = {k: meta[k] for k in TFLITE_KEEP if k in meta}
     if variant == "int8" and "int8_calibration" in meta:
         out["int8_calibration"] = meta["int8_calibration"]
+    grade_inputs = {n: {"shape": [None, c, c, 3], "dtype": "float32", "range": [0, 255]} for n in view_names}
+    runner = "crop between the signatures with lumbar_tf.preprocess.crop_levels (lumbar-tf-edge)"
+    axial = cfg.get("axial")
+    if axial:
+        channels = 2 * int(axial.get("neighbours", 1)) + 1
+        grade_inputs[axial["name"]] = {"shape": [None, c, c, channels], "dtype": "float32", "range": [0, 255]}
+        runner += (
+            f"; {axial['name']}: the level's axial crop (lumbar_tf.axial.project_levels + axial_crops of "
+            "localize's level_xy), zeros where no axial stack covers the level"
+        )
+        # the SavedModel's two-call description does not apply to the file's own signatures
+        out["axial"] = {k: v for k, v in out.get("axial", {}).items() if k not in ("signatures", "how")}
     out.update(
         format="tflite",
         variant=variant,
@@ -221,13 +283,7 @@ def tflite_metadata(meta: dict, variant: str, file_name: str, quantization: str)
                 "outputs": {LEVEL_XY: {"shape": [None, 5, 2], "dtype": "float32"}},
             },
             GRADE: {
-                "inputs": {
-                    **{
-                        n: {"shape": [None, c, c, 3], "dtype": "float32", "range": [0, 255]}
-                        for n in view_names
-                    },
-                    LEVEL_INDEX: {"shape": [None], "dtype": "int32", "range": [0, 4]},
-                },
+                "inputs": {**grade_inputs, LEVEL_INDEX: {"shape": [None], "dtype": "int32", "range": [0, 4]}},
                 "outputs": {
                     THRESHOLD_PROBS: {
                         "shape": [None, 5, 3],
@@ -237,6 +293,6 @@ def tflite_metadata(meta: dict, variant: str, file_name: str, quantization: str)
                 },
             },
         },
-        runner="crop between the signatures with lumbar_tf.preprocess.crop_levels (lumbar-tf-edge)",
+        runner=runner,
     )
     return out

@@ -6,6 +6,12 @@ probabilities): one float32 input per view ``[None, S, S, 3]`` (0-255) named by 
 ``grade_probs``, ``threshold_probs``, ``presence`` and ``level_xy``. ``presence`` follows the flag the
 model carries (`models.end_to_end.StudyGrades`): P(>=1) when its training labels knew grades 0/1,
 else P(>=2). A ``metadata`` signature returns the version's metadata.json (`write_saved_model`).
+
+An axial model (``preprocess.axial`` set) has no single-call signature: its axial crops are cut
+around the localiser's own ``level_xy``. Its SavedModel has ``localize`` (localiser view ->
+``level_xy``) and ``grade`` (views + ``ax_t2`` ``[None, 5, C, C, 2n+1]`` -> the contract's outputs;
+also ``serving_default``); the client projects with `lumbar_tf.axial` between them (contract
+`AXIAL_SIGNATURES`, docs/architecture.md "Axial projection").
 """
 
 from __future__ import annotations
@@ -28,26 +34,12 @@ from lumbar_tf.core.contract import (
 SAVED_MODEL_TOLERANCE = 1e-3
 
 
-def refuse_axial(cfg, source="model") -> None:
-    """ExportError for a model with the axial view: its signatures (`localize` then `grade` with the
-    axial crops) are not built yet, and a sagittal-only artefact of it would be silently wrong."""
-    from lumbar_tf.core.errors import ExportError
-
-    if getattr(cfg, "axial", None) is not None:
-        raise ExportError(
-            f"{source}: models with the axial view ({cfg.axial.name}) run in Keras only for now; "
-            "the SavedModel/TFLite export does not support them yet"
-        )
-
-
 def write_saved_model(model, cfg, path, metadata: dict | None = None) -> None:
     """The end-to-end model as a SavedModel with the ``serving_default`` signature of the contract,
     and, given ``metadata``, a ``metadata`` signature returning it as JSON (contract
     `METADATA_SIGNATURE`), so clients take the preprocessing from the model they call."""
     import keras
     import tensorflow as tf
-
-    refuse_axial(cfg)
 
     size = cfg.view_size
     # No archive.track(model): add_endpoint tracks every variable the endpoint uses, and track() would
@@ -59,7 +51,24 @@ def write_saved_model(model, cfg, path, metadata: dict | None = None) -> None:
         outputs = model(views, training=False)
         return {key: outputs[key] for key in OUTPUT_SPECS}
 
-    archive.add_endpoint(SERVING_SIGNATURE, serve, input_signature=[specs])
+    if cfg.axial is None:
+        archive.add_endpoint(SERVING_SIGNATURE, serve, input_signature=[specs])
+    else:
+        # The first endpoint is also serving_default (ExportArchive.write_out): grade, the one that
+        # returns the contract's outputs; a views-only request to it names the missing ax_t2.
+        c, a = cfg.crop_size, cfg.axial
+        specs[a.name] = tf.TensorSpec([None, 5, c, c, a.channels], tf.float32, name=a.name)
+        archive.add_endpoint(GRADE, serve, input_signature=[specs])
+        localizer = model.get_layer("localizer")
+
+        def localize(view):
+            return {LEVEL_XY: localizer(view, training=False)}
+
+        archive.add_endpoint(
+            LOCALIZE,
+            localize,
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=cfg.localizer_view)],
+        )
     if metadata is not None:
         import json
 
@@ -77,11 +86,11 @@ def write_saved_model(model, cfg, path, metadata: dict | None = None) -> None:
 
 
 def write_edge_saved_model(model, cfg, path) -> None:
-    """A SavedModel with the two TFLite signatures: ``localize`` and ``grade`` (probabilities)."""
+    """A SavedModel with the two TFLite signatures: ``localize`` and ``grade`` (probabilities); an
+    axial model's ``grade`` also takes the axial crops ``[N, C, C, 2n+1]``, one per level crop."""
     import keras
     import tensorflow as tf
 
-    refuse_axial(cfg)
     localizer = model.get_layer("localizer")
     grader = model.get_layer("grader")
     s, c = cfg.view_size, cfg.crop_size
@@ -99,6 +108,9 @@ def write_edge_saved_model(model, cfg, path) -> None:
         input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32, name=cfg.localizer_view)],
     )
     grade_specs = {name: tf.TensorSpec([None, c, c, 3], tf.float32, name=name) for name in cfg.view_names}
+    if cfg.axial is not None:
+        a = cfg.axial
+        grade_specs[a.name] = tf.TensorSpec([None, c, c, a.channels], tf.float32, name=a.name)
     grade_specs[LEVEL_INDEX] = tf.TensorSpec([None], tf.int32, name=LEVEL_INDEX)
     archive.add_endpoint(GRADE, grade, input_signature=[grade_specs])
     archive.write_out(str(path), verbose=False)

@@ -2,7 +2,8 @@
 
 The in-graph crop is a gather that the converter would have to route through Flex ops, so each
 ``.tflite`` file holds two signatures instead, ``localize`` (view -> level_xy) and ``grade`` (one crop
-per view + level_index -> threshold_probs, sigmoid applied); the tablet runner
+per view, an axial model's axial crop ``[N, C, C, 2n+1]``, level_index -> threshold_probs, sigmoid
+applied); the tablet runner
 (`lumbar_tf.runtime.tflite_model`) crops between them with the shared numpy preprocessing.
 Variants: float32, float16 (float16 weights), dynamic (int8 weights, float activations) and int8 (full
 integer, calibrated on training studies; float32 input and output so the runner feeds 0-255 floats).
@@ -24,10 +25,14 @@ from lumbar_tf.export.tflite_metadata import add_litert_metadata
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 
-def calibration_samples(views: dict, keras_level_xy: np.ndarray, cfg):
+def calibration_samples(views: dict, keras_level_xy: np.ndarray, cfg, axial: np.ndarray | None = None):
     """(signature, inputs) pairs for int8 calibration: each study's localiser view, and its five level
-    crops around the Keras localiser's output (what the grader sees at inference)."""
+    crops around the Keras localiser's output (what the grader sees at inference); an axial model's
+    grade samples carry the studies' axial crops ``axial [B, 5, C, C, 2n+1]`` too."""
     from lumbar_tf import preprocess
+
+    if cfg.axial is not None and axial is None:
+        raise ExportError("int8: an axial model's calibration needs the studies' axial crops")
 
     samples = []
     for b in range(len(keras_level_xy)):
@@ -35,6 +40,8 @@ def calibration_samples(views: dict, keras_level_xy: np.ndarray, cfg):
             (LOCALIZE, {cfg.localizer_view: np.asarray(views[cfg.localizer_view][b : b + 1], np.float32)})
         )
         crops = preprocess.crop_levels({k: v[b] for k, v in views.items()}, keras_level_xy[b], cfg)
+        if cfg.axial is not None:
+            crops[cfg.axial.name] = np.asarray(axial[b], np.float32)
         crops[LEVEL_INDEX] = np.arange(L.N_LEVELS, dtype=np.int32)
         samples.append((GRADE, crops))
     return samples

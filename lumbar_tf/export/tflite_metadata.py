@@ -125,6 +125,22 @@ def _tensor(name: str, meta: dict, signature: str) -> dict:
                 _file(THRESHOLDS_FILE, "Labels of axis 2 (ordinal thresholds).", "TENSOR_AXIS_LABELS"),
             ],
         )
+    axial = cfg.get("axial") or {}
+    if name == axial.get("name"):
+        c = cfg["crop_size"]
+        series = axial.get("series_description", "Axial T2")
+        channels = 2 * int(axial.get("neighbours", 1)) + 1
+        return {
+            **_image_input(name, c, "One level's axial crop"),
+            "description": (
+                f"One level's crop of the {series} series, [N, {c}, {c}, {channels}] float32, pixel "
+                f"values 0-255, {axial.get('crop_mm')} mm wide: the slice nearest the level's 3-D "
+                "point (from localize's level_xy, lumbar_tf.axial.project_levels) and its "
+                "neighbours (feet first) as channels, centred on the point, columns to patient "
+                "left, rows to posterior. All zeros where no axial stack covers the level. Same "
+                "order as level_index."
+            ),
+        }
     if name in views:
         if signature == LOCALIZE:
             return _image_input(name, cfg["view_size"], "Localiser view")

@@ -25,6 +25,18 @@ def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def axial_inputs(studies: dict, cfg) -> np.ndarray | None:
+    """An axial model's crops ``[B, 5, C, C, 2n+1]`` (0-255, uint8 values as inference feeds them)
+    for studies of `data.dataset.load_studies`: the centre of each stored crop, which is
+    `axial.axial_crops` around the labelled level points (None for a sagittal-only model)."""
+    if cfg.axial is None:
+        return None
+    from lumbar_tf.data.dataset import axial_training_crops
+
+    crops = [axial_training_crops(stored, cfg, training=False).numpy() for stored in studies["axial"]]
+    return np.clip(np.round(np.stack(crops)), 0, 255).astype(np.float32)
+
+
 def _studies_from_cache(cache: Path, cfg, ids: list[str] | None, n: int):
     from lumbar_tf.data.dataset import load_manifest, load_studies
 
@@ -132,17 +144,20 @@ def evaluate_heldout(
 
     grades = studies["grades"]
     views = studies["views"]
-    keras_auc = _auc(loaded.predict_views(views)["threshold_probs"], grades)
+    axial = axial_inputs(studies, cfg)
+    keras_auc = _auc(loaded.predict_views(views, axial=axial)["threshold_probs"], grades)
     result = {
         "data_dir": str(data_dir),
         "n_studies": len(studies["study_id"]),
         "keras_macro_roc_auc": keras_auc,
-        "saved_model_macro_roc_auc": _auc(saved.predict_views(views)["threshold_probs"], grades),
+        "saved_model_macro_roc_auc": _auc(saved.predict_views(views, axial=axial)["threshold_probs"], grades),
         "tflite": {},
     }
+    if axial is not None:  # crops around the labelled levels (the cache's), the same for every runtime
+        result["axial_levels_covered"] = int(np.sum(studies["axial_valid"]))
     for variant, path in tflite_files.items():
         edge = EdgeModel(path, metadata={"preprocess": config_to_dict(cfg), "variant": variant})
-        auc = _auc(edge.predict_views(views)["threshold_probs"], grades)
+        auc = _auc(edge.predict_views(views, axial=axial)["threshold_probs"], grades)
         delta = None if auc is None or keras_auc is None else auc - keras_auc
         result["tflite"][variant] = {"macro_roc_auc": auc, "delta_vs_keras": delta}
     result["auc_loss_floor"] = {

@@ -152,12 +152,16 @@ def predict_study(
     return study_result(predictor, study, built, outputs, study_id=study_id, axial=axial_in)
 
 
-def axial_inputs(predictor, study: Study, batch: dict, grid, info: dict):
+def axial_inputs(predictor, study: Study, batch: dict, grid, info: dict, level_xy=None):
     """Localise, project the predicted levels onto the study's Axial T2 series, crop: the axial
-    model's ``(projections, crops [5, S, S, 2n+1] uint8)``; uncovered levels are zeros."""
+    model's ``(projections, crops [5, S, S, 2n+1] uint8)``; uncovered levels are zeros.
+    ``level_xy`` ``[1, 5, 2]``: the localiser's answer when the caller has it (benchmarks time the
+    calls apart)."""
     cfg = predictor.preprocess
     a = cfg.axial
-    level_xy = np.asarray(predictor.localize_views(batch))[0]
+    if level_xy is None:
+        level_xy = predictor.localize_views(batch)
+    level_xy = np.asarray(level_xy)[0]
     points = axial.level_points_patient(study, grid, info, level_xy, cfg)
     series = axial.axial_series(study)
     projections = axial.project_levels(points, series, snap_mm=axial.DISC_SNAP_MM)

@@ -9,7 +9,10 @@ in-graph level crop of the SavedModel has no builtin TFLite op:
 - ``localize``: the localiser view ``[B, S, S, 3]`` float32 0-255 (input named by the view,
   ``sag_t2`` by default) -> ``level_xy`` ``[B, 5, 2]`` (normalised x, y of each disc level);
 - ``grade``: one crop per view ``[N, C, C, 3]`` float32 0-255 (inputs named by the views) and
-  ``level_index`` ``[N]`` int32 -> ``threshold_probs`` ``[N, 5, 3]`` (sigmoid applied).
+  ``level_index`` ``[N]`` int32 -> ``threshold_probs`` ``[N, 5, 3]`` (sigmoid applied); an axial
+  model's ``grade`` also takes each level's axial crop ``[N, C, C, 2n+1]`` (input ``ax_t2``), cut
+  by `runtime.predictor.predict_study` with `lumbar_tf.axial` around the projection of ``localize``'s
+  levels (`localize_views`, then `predict_views(views, axial=)`).
 
 Between the two, the runner crops every view around each level with `preprocess.crop_levels`, the
 numpy twin of the SavedModel's in-graph crop (``tf.image.crop_and_resize`` to float rounding), so
@@ -181,7 +184,7 @@ class EdgeModel:
         if len(loc_inputs) != 1 or LEVEL_XY not in signatures[LOCALIZE]["outputs"]:
             raise ModelLoadError(f"{self.path}: signature 'localize' must map one view to level_xy")
         self.localize_input = loc_inputs[0]
-        expected = {*cfg.view_names, LEVEL_INDEX}
+        expected = {*cfg.view_names, LEVEL_INDEX, *([cfg.axial.name] if cfg.axial is not None else [])}
         got = set(signatures[GRADE]["inputs"])
         if got != expected or THRESHOLD_PROBS not in signatures[GRADE]["outputs"]:
             raise ModelLoadError(
@@ -207,20 +210,35 @@ class EdgeModel:
         return np.array(self._localize(**{self.localize_input: x})[LEVEL_XY], dtype=np.float32)
 
     def grade(self, crops: dict[str, np.ndarray], level_index) -> np.ndarray:
-        """Crops ``{view: [N, C, C, 3]}`` 0-255 and level indices ``[N]`` -> ``[N, 5, 3]`` probabilities."""
-        feed = {
-            name: np.ascontiguousarray(crops[name], dtype=np.float32) for name in self.preprocess.view_names
-        }
+        """Crops ``{view: [N, C, C, 3]}`` 0-255 (an axial model's also ``{ax_t2: [N, C, C, 2n+1]}``)
+        and level indices ``[N]`` -> ``[N, 5, 3]`` probabilities."""
+        names = list(self.preprocess.view_names)
+        if self.preprocess.axial is not None:
+            names.append(self.preprocess.axial.name)
+        feed = {name: np.ascontiguousarray(crops[name], dtype=np.float32) for name in names}
         feed[LEVEL_INDEX] = np.ascontiguousarray(level_index, dtype=np.int32)
         return np.array(self._grade(**feed)[THRESHOLD_PROBS], dtype=np.float32)
 
-    def predict_views(self, views: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, np.ndarray]:
-        """Views ``{name: [B, S, S, 3]}`` -> the SavedModel's output tensors, as numpy.
+    def localize_views(self, views: dict[str, np.ndarray]) -> np.ndarray:
+        """``localize`` on the localiser view of ``views`` ``{name: [B, S, S, 3]}`` -> ``[B, 5, 2]``."""
+        return self.localize(np.asarray(views[self.preprocess.localizer_view], dtype=np.float32))
+
+    def predict_views(
+        self, views: dict[str, np.ndarray], batch_size: int = 8, axial: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Views ``{name: [B, S, S, 3]}`` (an axial model: and its axial crops ``[B, 5, C, C, 2n+1]``
+        around the projection of this model's own ``level_xy``) -> the SavedModel's output tensors.
 
         ``localize`` -> numpy level crops (`preprocess.crop_levels`) -> ``grade`` on the B x 5 crops.
         """
         cfg = self.preprocess
         arrays = {name: np.asarray(views[name], dtype=np.float32) for name in cfg.view_names}
+        if cfg.axial is not None:
+            if axial is None:
+                raise ModelLoadError(
+                    f"{self.path}: an axial model needs its axial crops (run it through predict_study)"
+                )
+            arrays[cfg.axial.name] = np.asarray(axial, dtype=np.float32)
         n = len(arrays[cfg.view_names[0]])
         level_xy_parts, probs_parts = [], []
         for start in range(0, n, batch_size):
@@ -228,10 +246,14 @@ class EdgeModel:
             level_xy = self.localize(chunk[cfg.localizer_view])
             crops = {name: [] for name in cfg.view_names}
             for b in range(len(level_xy)):
-                per_study = preprocess.crop_levels({k: v[b] for k, v in chunk.items()}, level_xy[b], cfg)
+                study_views = {k: chunk[k][b] for k in cfg.view_names}
+                per_study = preprocess.crop_levels(study_views, level_xy[b], cfg)
                 for name in cfg.view_names:
                     crops[name].append(per_study[name])
             crops = {k: np.concatenate(v) for k, v in crops.items()}
+            if cfg.axial is not None:  # [b, 5, C, C, ch] -> [b * 5, C, C, ch], level-major per study
+                ax = chunk[cfg.axial.name]
+                crops[cfg.axial.name] = ax.reshape(-1, *ax.shape[2:])
             level_index = np.tile(np.arange(labels.N_LEVELS, dtype=np.int32), len(level_xy))
             probs_parts.append(labels.level_batch_to_study(self.grade(crops, level_index)))
             level_xy_parts.append(level_xy)

@@ -1,6 +1,5 @@
 """The axial view in the model: config, cache crops (same geometry as inference), tf.data shifts,
-the end-to-end model with its `ax_t2` input, the one predict path (localise -> project -> grade) and
-the export's refusal until the exported runtimes take the axial crops."""
+the end-to-end model with its `ax_t2` input and the one predict path (localise -> project -> grade)."""
 
 from __future__ import annotations
 
@@ -131,9 +130,8 @@ def axial_model_file(axial_cfg, tmp_path_factory):
 
 def test_predict_study_localises_projects_and_grades(axial_model_file, phantom_dir, tmp_path):
     """The one path: the crops fed to the grader are those around the model's own level_xy; a
-    study without Axial T2 still predicts, with a warning per level; the export refuses."""
-    from lumbar_tf.core.errors import ExportError
-    from lumbar_tf.export.job import export_model
+    study without Axial T2 still predicts, with a warning per level (the exported runtimes:
+    tests/export/test_axial_export.py)."""
     from lumbar_tf.runtime.keras_model import KerasPredictor
     from lumbar_tf.runtime.predictor import predict_study
     from tests.runtime.test_predict import copy_study_without
@@ -167,10 +165,6 @@ def test_predict_study_localises_projects_and_grades(axial_model_file, phantom_d
     assert no_axial.predictions["series"]["ax_t2"] is None
     assert sum("no axial coverage" in w for w in no_axial.predictions["warnings"]) == labels.N_LEVELS
     assert np.allclose(no_axial.threshold_probs, zeros["threshold_probs"][0], atol=1e-5)
-
-    with pytest.raises(ExportError, match="axial view"):
-        export_model(axial_model_file, tmp_path / "export", tflite=(), progress=False)
-    assert not (tmp_path / "export" / "saved_model").exists()
 
 
 def test_tablet_modules_still_import_no_tensorflow():

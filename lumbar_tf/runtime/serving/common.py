@@ -26,11 +26,12 @@ def one_line(text, limit: int = _MAX_DETAIL_CHARS) -> str:
 # === Input checks shared by both clients ===
 
 
-def prepare_views(views: dict) -> dict[str, np.ndarray]:
+def prepare_views(views: dict, level_inputs=()) -> dict[str, np.ndarray]:
     """Views ``{name: [H,W,3] or [B,H,W,3]}`` -> float32 ``[B,H,W,3]`` arrays with one shared batch size.
 
-    Only the array layout is checked here; which names and sizes the model wants is the server's call
-    (its error comes back as a `ServingError`).
+    ``level_inputs``: names of per-level inputs (an axial model's ``ax_t2``), ``[5,S,S,C]`` or
+    ``[B,5,S,S,C]``. Only the array layout is checked here; which names and sizes the model wants is
+    the server's call (its error comes back as a `ServingError`).
     """
     if not isinstance(views, dict) or not views:
         raise ServingError("views: expected a non-empty dict {input name: array}", code="CLIENT")
@@ -38,9 +39,15 @@ def prepare_views(views: dict) -> dict[str, np.ndarray]:
     batch = None
     for name, value in views.items():
         arr = np.asarray(value)
-        if arr.ndim == 3:
+        per_level = name in level_inputs
+        if arr.ndim == (4 if per_level else 3):
             arr = arr[None]
-        if arr.ndim != 4 or arr.shape[-1] != 3:
+        if per_level and arr.ndim != 5:
+            raise ServingError(
+                f"views[{name!r}]: expected shape [5,S,S,C] or [B,5,S,S,C], got {list(np.shape(value))}",
+                code="CLIENT",
+            )
+        if not per_level and (arr.ndim != 4 or arr.shape[-1] != 3):
             raise ServingError(
                 f"views[{name!r}]: expected shape [H,W,3] or [B,H,W,3], got {list(np.shape(value))}",
                 code="CLIENT",
@@ -58,6 +65,17 @@ def prepare_views(views: dict) -> dict[str, np.ndarray]:
             )
         out[str(name)] = arr
     return out
+
+
+def try_timeout(timeout_s: float, deadline: float | None) -> float:
+    """Seconds one try may take: ``timeout_s``, cut to what is left of ``deadline`` (a
+    ``time.monotonic()`` instant shared by the calls of one study); TimeoutError once it has passed."""
+    if deadline is None:
+        return timeout_s
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline exceeded")
+    return min(timeout_s, left)
 
 
 def retry(call, *, tries: int, backoff_s: float, transient) -> object:

@@ -26,6 +26,7 @@ from lumbar_tf.runtime.serving.common import (
     parse_served_metadata,
     prepare_views,
     retry,
+    try_timeout,
 )
 
 MODEL_FORMAT = "saved_model"
@@ -191,7 +192,7 @@ class GrpcClient:
         elif self.version_label is not None:
             spec.version_label = self.version_label
 
-    def _call(self, method, request, what: str):
+    def _call(self, method, request, what: str, deadline: float | None = None, signature=None):
         grpc = self._grpc
 
         def transient(exc) -> bool:
@@ -199,15 +200,22 @@ class GrpcClient:
 
         try:
             return retry(
-                lambda: method(request, timeout=self.timeout_s),
+                lambda: method(request, timeout=try_timeout(self.timeout_s, deadline)),
                 tries=self.retries,
                 backoff_s=self.backoff_s,
                 transient=transient,
             )
         except grpc.RpcError as exc:
-            raise self._error(exc, what) from None
+            raise self._error(exc, what, signature or self.signature_name) from None
+        except TimeoutError:  # the study's deadline passed between tries or calls
+            raise ServingError(
+                f"TF Serving at {self.target} did not answer {what} within the study's deadline "
+                f"({self.timeout_s:g} s for all its calls)",
+                code="DEADLINE_EXCEEDED",
+                target=self.target,
+            ) from None
 
-    def _error(self, exc, what: str) -> ServingError:
+    def _error(self, exc, what: str, signature: str) -> ServingError:
         code = exc.code().name
         detail = one_line(exc.details() or "")
         tries = max(1, self.retries)
@@ -232,11 +240,11 @@ class GrpcClient:
         elif code == "NOT_FOUND":
             msg = f"{self._model_ref()} is not served by {at}: {detail}"
         elif code == "FAILED_PRECONDITION" and "signature key" in detail.lower():
-            msg = f"{self._model_ref()} at {self.target} has no signature '{self.signature_name}': {detail}"
+            msg = f"{self._model_ref()} at {self.target} has no signature '{signature}': {detail}"
         elif code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION"):
             msg = (
                 f"{at} rejected the {what} request for {self._model_ref()} "
-                f"(signature '{self.signature_name}'): {detail}"
+                f"(signature '{signature}'): {detail}"
             )
         elif code == "UNIMPLEMENTED":
             msg = f"{at} does not implement {what}: {detail}"
@@ -246,18 +254,25 @@ class GrpcClient:
 
     # --- API ---
 
-    def predict(self, views: dict) -> dict[str, np.ndarray]:
+    def predict(
+        self, views: dict, *, signature: str | None = None, deadline: float | None = None, level_inputs=()
+    ) -> dict[str, np.ndarray]:
         """Run the signature on ``views`` ``{input name: [H,W,3] or [B,H,W,3]}`` (0-255 values).
 
         Returns every output of the signature as a numpy array with the batch axis, e.g.
-        ``threshold_probs [B,5,5,3]``. Raises `ServingError`.
+        ``threshold_probs [B,5,5,3]``. ``signature``: another signature than the client's (an axial
+        model's ``localize`` / ``grade``); ``deadline``: a ``time.monotonic()`` instant that also
+        bounds this call (the calls of one study share it); ``level_inputs``: names of
+        ``[B,5,S,S,C]`` inputs (`common.prepare_views`). Raises `ServingError`.
         """
-        arrays = prepare_views(views)
+        arrays = prepare_views(views, level_inputs)
         request = self._predict_pb2.PredictRequest()
         self._fill_spec(request.model_spec, signature=True)
+        if signature is not None:
+            request.model_spec.signature_name = signature
         for name, arr in arrays.items():
             request.inputs[name].CopyFrom(ndarray_to_tensor_proto(arr))
-        response = self._call(self._stub.Predict, request, "predict")
+        response = self._call(self._stub.Predict, request, "predict", deadline, signature)
         if response.model_spec.HasField("version"):
             self.last_version = int(response.model_spec.version.value)
         return {name: tensor_proto_to_ndarray(proto) for name, proto in response.outputs.items()}
@@ -270,7 +285,7 @@ class GrpcClient:
         request.model_spec.signature_name = METADATA_SIGNATURE
         request.inputs[METADATA_INPUT].CopyFrom(ndarray_to_tensor_proto(np.zeros([1], np.float32)))
         try:
-            response = self._call(self._stub.Predict, request, "metadata")
+            response = self._call(self._stub.Predict, request, "metadata", signature=METADATA_SIGNATURE)
         except ServingError as exc:
             if exc.code == "FAILED_PRECONDITION" and "signature" in str(exc).lower():
                 raise no_metadata_signature(self.target, self._model_ref(), str(exc)) from None

@@ -35,6 +35,7 @@ from lumbar_tf.runtime.serving.common import (
     parse_served_metadata,
     prepare_views,
     retry,
+    try_timeout,
 )
 
 MODEL_FORMAT = "saved_model"
@@ -174,15 +175,16 @@ class RestClient:
             return f"model '{self.model_name}' version {self.version}"
         return f"model '{self.model_name}'"
 
-    def _request_once(self, url: str, body: bytes | None) -> dict:
+    def _request_once(self, url: str, body: bytes | None, deadline: float | None = None) -> dict:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body else "GET")
-        watchdog = request.watchdog = _Watchdog(time.monotonic() + self.timeout_s)
+        timeout = try_timeout(self.timeout_s, deadline)
+        watchdog = request.watchdog = _Watchdog(time.monotonic() + timeout)
         try:
             try:
-                with self._opener.open(request, timeout=self.timeout_s) as response:
+                with self._opener.open(request, timeout=timeout) as response:
                     raw = self._read_capped(response, watchdog)
             except urllib.error.HTTPError as exc:
                 raw = self._read_capped(exc, watchdog)
@@ -244,16 +246,18 @@ class RestClient:
             return exc.status in self.transient_statuses
         return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout))
 
-    def _call(self, url: str, body: bytes | None, what: str) -> dict:
+    def _call(
+        self, url: str, body: bytes | None, what: str, deadline: float | None = None, signature=None
+    ) -> dict:
         try:
             return retry(
-                lambda: self._request_once(url, body),
+                lambda: self._request_once(url, body, deadline),
                 tries=self.retries,
                 backoff_s=self.backoff_s,
                 transient=self._transient,
             )
         except _RestStatus as exc:
-            raise self._status_error(exc, what) from None
+            raise self._status_error(exc, what, signature or self.signature_name) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             tries = max(1, self.retries)
@@ -268,19 +272,17 @@ class RestClient:
                 code = "UNAVAILABLE"
             raise ServingError(msg, code=code, target=self.base_url) from None
 
-    def _status_error(self, exc: _RestStatus, what: str) -> ServingError:
+    def _status_error(self, exc: _RestStatus, what: str, signature: str) -> ServingError:
         at = f"TF Serving at {self.base_url}"
         code = f"HTTP {exc.status}"
         if exc.status == 404:
             msg = f"{self._model_ref()} is not served by {at}: {exc.text}"
         elif exc.status == 400 and "signature key" in exc.text.lower():
-            msg = (
-                f"{self._model_ref()} at {self.base_url} has no signature '{self.signature_name}': {exc.text}"
-            )
+            msg = f"{self._model_ref()} at {self.base_url} has no signature '{signature}': {exc.text}"
         elif exc.status == 400:
             msg = (
                 f"{at} rejected the {what} request for {self._model_ref()} "
-                f"(signature '{self.signature_name}'): {exc.text}"
+                f"(signature '{signature}'): {exc.text}"
             )
         elif exc.status in self.transient_statuses:
             msg = f"{at} is overloaded or unavailable after {max(1, self.retries)} tries ({code}): {exc.text}"
@@ -290,15 +292,17 @@ class RestClient:
 
     # --- API ---
 
-    def predict(self, views: dict) -> dict[str, np.ndarray]:
+    def predict(
+        self, views: dict, *, signature: str | None = None, deadline: float | None = None, level_inputs=()
+    ) -> dict[str, np.ndarray]:
         """Same contract as `GrpcClient.predict`: float32 views in, numpy outputs (with batch axis) out."""
-        arrays = prepare_views(views)
+        arrays = prepare_views(views, level_inputs)
         payload = {
-            "signature_name": self.signature_name,
+            "signature_name": signature or self.signature_name,
             "inputs": {k: v.tolist() for k, v in arrays.items()},
         }
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        answer = self._call(f"{self._model_url()}:predict", body, "predict")
+        answer = self._call(f"{self._model_url()}:predict", body, "predict", deadline, signature)
         outputs = answer.get("outputs") if isinstance(answer, dict) else None
         if outputs is None:
             raise ServingError(
@@ -325,7 +329,9 @@ class RestClient:
         body = json.dumps({"signature_name": METADATA_SIGNATURE, "inputs": {METADATA_INPUT: [0.0]}})
         ref = self._model_ref() if version is None else f"model '{self.model_name}' version {version}"
         try:
-            answer = self._call(f"{url}:predict", body.encode("utf-8"), "metadata")
+            answer = self._call(
+                f"{url}:predict", body.encode("utf-8"), "metadata", signature=METADATA_SIGNATURE
+            )
         except ServingError as exc:
             if exc.code == "HTTP 400" and "signature key" in str(exc).lower():
                 raise no_metadata_signature(self.base_url, ref, str(exc)) from None
