@@ -186,7 +186,9 @@ def _level_points(study, grid, labels: StudyLabels) -> tuple[np.ndarray, np.ndar
         )
         if index is None:
             continue
-        xy = np.asarray(source_px_to_view_norm(series, index, (row["x"], row["y"]), grid), dtype=np.float32)
+        # Label pixels are the file's; a resampled slice (another size, same field) has other ones.
+        file_xy = series.slices[index].file_px_to_px((row["x"], row["y"]))
+        xy = np.asarray(source_px_to_view_norm(series, index, file_xy, grid), dtype=np.float32)
         level = L.LEVELS.index(row["level"])
         if row["condition"] == "spinal_canal_stenosis":
             canal[level] = xy

@@ -88,7 +88,8 @@ def study_offsets(task: tuple) -> tuple[str, dict[str, dict[str, list[float]]] |
                     index = series.index_of_instance(row["instance_number"])
                 except KeyError:
                     continue
-                point = series.pixel_to_patient(index, (row["x"], row["y"]))
+                xy = series.slices[index].file_px_to_px((row["x"], row["y"]))  # label px are the file's
+                point = series.pixel_to_patient(index, xy)
                 normal = used[spec.name].normal if used[spec.name] is not None else series.normal
                 points[side].append(round(float((point - midline) @ normal), 3))
             out[spec.name] = points
