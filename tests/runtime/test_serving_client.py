@@ -105,6 +105,15 @@ def direct_outputs(export_dir, version: int, views: dict) -> dict:
 # === gRPC ===
 
 
+def assert_one_line_error(error, code: str, target: str, fragments) -> None:
+    """A client error: the expected code, one line naming the server, and each fragment."""
+    message = str(error)
+    assert error.code == code
+    assert "\n" not in message and target in message
+    for fragment in fragments:
+        assert fragment in message
+
+
 def test_grpc_predict_matches_saved_model(export_dir, grpc_client):
     views = random_views(2, VIEW_SIZE, seed=3)
     expected = direct_outputs(export_dir, 2, views)
@@ -183,11 +192,7 @@ def test_grpc_errors_are_one_clear_line(grpc_target, kwargs, views_edit, code, f
         pytest.raises(ServingError) as info,
     ):
         client.predict(views)
-    message = str(info.value)
-    assert info.value.code == code
-    assert "\n" not in message and grpc_target in message
-    for fragment in fragments:
-        assert fragment in message
+    assert_one_line_error(info.value, code, grpc_target, fragments)
 
 
 def test_grpc_unreachable_fails_after_retries():
@@ -320,11 +325,7 @@ def test_rest_errors_are_one_clear_line(rest_url, kwargs, rename, code, fragment
         views = {"sag_t2": views["sag_t2"], "sag_t1_typo": views["sag_t1"]}
     with pytest.raises(ServingError) as info:
         RestClient(rest_url, retries=3, backoff_s=0.01, **kwargs).predict(views)
-    message = str(info.value)
-    assert info.value.code == code
-    assert "\n" not in message and rest_url in message
-    for fragment in fragments:
-        assert fragment in message
+    assert_one_line_error(info.value, code, rest_url, fragments)
 
 
 def test_rest_unreachable_fails_after_retries():
