@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lumbar_tf.data.dataset import read_index
+from tests.reliability.table import record, shape
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +56,7 @@ def test_output_under_a_file_is_one_line(phantom_dir, sid, tmp_path):
     )
     assert code == 2 and errors == [f"error: {blocker}: File exists"], stderr
     assert blocker.read_text() == "keep me"
+    record("os-errors", f"exit {code}, `{shape(errors[0], file=blocker)}`, the file kept", "under-file")
 
 
 def test_output_that_is_a_folder_is_one_line(phantom_dir, sid, tmp_path):
@@ -64,6 +66,7 @@ def test_output_that_is_a_folder_is_one_line(phantom_dir, sid, tmp_path):
     assert code == 2 and errors == [f"error: {folder}: Is a directory"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
     assert [p.name for p in folder.iterdir()] == ["inside"]
+    record("os-errors", f"exit {code}, `{shape(errors[0], folder=folder)}`, the folder untouched", "folder")
 
 
 def test_a_full_disk_leaves_no_png(phantom_dir, sid, tmp_path):
@@ -77,6 +80,11 @@ def test_a_full_disk_leaves_no_png(phantom_dir, sid, tmp_path):
     )
     assert code == 2 and errors == [f"error: {out}: File too large"], stderr
     assert list(out.parent.iterdir()) == []  # neither a 0-byte PNG nor a temporary file
+    record(
+        "os-errors",
+        f"exit {code}, `{shape(errors[0], out=out)}`, neither a 0-byte PNG nor a temporary file",
+        "full-disk",
+    )
 
 
 def test_an_unwritable_output_folder_is_one_line(phantom_dir, sid, tmp_path):
@@ -92,6 +100,9 @@ def test_an_unwritable_output_folder_is_one_line(phantom_dir, sid, tmp_path):
         folder.chmod(0o755)
     assert code == 2 and errors == [f"error: {folder / 'p.png'}: Permission denied"], stderr
     assert list(folder.iterdir()) == []
+    record(
+        "os-errors", f"exit {code}, `{shape(errors[0], out=folder / 'p.png')}`, nothing written", "read-only"
+    )
 
 
 def test_an_unreadable_study_costs_only_that_study(phantom_dir, tmp_path):
@@ -118,3 +129,8 @@ def test_an_unreadable_study_costs_only_that_study(phantom_dir, tmp_path):
         reasons = {r["study_id"]: r["reason"] for r in csv.DictReader(handle)}
     assert reasons[ids[0]] == f"{locked}: Permission denied"
     assert f"cached 2 studies in {cache}" in stdout
+    record(
+        "prepare-unreadable",
+        f"exit {code}; listed in `skipped_studies.csv` as `{shape(reasons[ids[0]], study=locked)}`; "
+        "the other 2 studies cached",
+    )

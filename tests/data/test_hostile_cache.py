@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from lumbar_tf.core.errors import DatasetError
 from lumbar_tf.data import dataset
 from lumbar_tf.data.dataset import load_manifest, prepare_cache, read_index
+from tests.reliability.table import record, shape
 
 
 def _skipped_csv(cache: Path) -> dict[str, str]:
@@ -68,6 +70,11 @@ def test_any_exception_of_one_study_is_recorded_and_the_batch_goes_on(
     assert reported[ids[0]] == f"{study_dir / ids[0]}: MemoryError: Unable to allocate 32.0 GiB"
     assert reported[ids[1]].startswith(f"{study_dir / ids[1]}: ValueError")
     assert load_manifest(cache, tiny_config.preprocess)["study_ids"] == [ids[2]]
+    record(
+        "prepare-exception",
+        f"each listed in `skipped_studies.csv` with its folder and reason, e.g. "
+        f"`{shape(reported[ids[0]], study=study_dir / ids[0])}`; the other study cached",
+    )
 
 
 def test_every_study_skipped_still_writes_the_report_the_error_names(few_studies, tiny_config, tmp_path):
@@ -85,6 +92,11 @@ def test_every_study_skipped_still_writes_the_report_the_error_names(few_studies
     assert manifest["study_ids"] == [] and set(manifest["skipped"]) >= set(ids)
     with pytest.raises(DatasetError, match="holds no study"):
         load_manifest(cache, tiny_config.preprocess)
+    record(
+        "prepare-all-skipped",
+        f"one line, `{shape(str(err.value), cache=cache, data=root)}`: both files it names written, "
+        f"{len(_skipped_csv(cache))} studies listed",
+    )
 
 
 def test_no_usable_label_still_writes_the_report(tmp_path, tiny_config):
@@ -103,7 +115,7 @@ def test_a_truncated_shard_is_found_and_the_cache_rebuilt(few_studies, tiny_conf
     manifest = prepare_cache(root, cache, cfg, workers=1, progress=False, shards=2)
     shard = cache / manifest["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(DatasetError, match=rf"{shard}: shard has \d+ of \d+ bytes \(truncated\)"):
+    with pytest.raises(DatasetError, match=rf"{shard}: shard has \d+ of \d+ bytes \(truncated\)") as err:
         load_manifest(cache, cfg)
     # The manifest is set aside: the cache is no longer "prepared", so train prepares it again.
     assert not (cache / "manifest.json").exists() and (cache / "manifest.json.damaged").exists()
@@ -113,6 +125,12 @@ def test_a_truncated_shard_is_found_and_the_cache_rebuilt(few_studies, tiny_conf
     assert sorted(rebuilt["study_ids"]) == sorted(ids)
     assert len(dataset.load_studies(cache, cfg)["study_id"]) == len(ids)
     assert not shard.exists()  # the damaged generation is gone
+    line = re.sub(r"\d+ of \d+", "N of M", shape(str(err.value), shard=shard))
+    record(
+        "damaged-shard",
+        f"`{line}`: the manifest set aside, `train` prepares the cache again ({len(ids)} studies)",
+        "truncated",
+    )
 
 
 def test_a_flipped_byte_is_found(few_studies, tiny_config, tmp_path):
@@ -123,8 +141,9 @@ def test_a_flipped_byte_is_found(few_studies, tiny_config, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(DatasetError, match="CRC-32 differs"):
+    with pytest.raises(DatasetError, match="CRC-32 differs") as err:
         load_manifest(cache, tiny_config.preprocess)
+    record("damaged-shard", f"`{shape(str(err.value), shard=shard)}`, never read", "flipped")
 
 
 _PREPARE_SLOWLY = """
@@ -174,6 +193,16 @@ def test_a_killed_re_prepare_leaves_the_old_cache_whole(
         assert (after["views"][name] == before["views"][name]).all()
     listed = {e["file"] for e in json.loads(now)["shards"]}
     assert {p.name for p in cache.glob("shard-*.tfrecord")} == listed
+    # After the last write the swap may or may not have happened: the row names both.
+    manifest = (
+        "the old manifest, byte for byte" if kill_after_writes == 0 else "the old or the new manifest, whole"
+    )
+    record(
+        "killed-prepare",
+        f"killed after {kill_after_writes} record(s): {manifest}; the cache reads the same "
+        f"{len(after['study_id'])} studies and views, only listed shards on disk",
+        str(kill_after_writes),
+    )
 
 
 def test_prepare_cli_goes_on_past_bombs_and_links(phantom_dir, tmp_path):
@@ -218,3 +247,9 @@ def test_prepare_cli_goes_on_past_bombs_and_links(phantom_dir, tmp_path):
     )
     assert json.loads((cache / "manifest.json").read_text())["study_ids"] == [ids[3]]
     assert f"cached 1 studies in {cache}" in proc.stdout
+    named = dict(bomb=bomb, file=frames, study=images / linked)
+    listed = ", ".join(f"`{shape(reported[sid], **named)}`" for sid in (ids[0], ids[1], linked))
+    record(
+        "prepare-hostile",
+        f"exit {proc.returncode}, the intact study cached; listed in `skipped_studies.csv`: {listed}",
+    )

@@ -1,5 +1,6 @@
 """CSV safety (issue 14 item 3): BOM and CRLF read, duplicate label rows refused naming both lines,
-formula-like cells never written raw, ids from CSVs kept to plain integers."""
+formula-like cells never written raw. (Ids from CSVs kept to plain integers: the submission test in
+tests/runtime/test_predict.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lumbar_tf.core.errors import DatasetError, DicomError
 from lumbar_tf.core.io import write_csv_atomic
 from lumbar_tf.data.dataset import read_index
 from lumbar_tf.dicom.reader import read_series_descriptions
+from tests.reliability.table import record, shape
 
 
 def _excel_copy(src, dst):
@@ -40,10 +42,18 @@ def test_bom_and_crlf_read_like_the_plain_files(data, phantom_dir):
         assert excel.studies[sid].coordinates == plain.studies[sid].coordinates
     assert excel.descriptions == plain.descriptions
     assert read_series_descriptions(data / "train_series_descriptions.csv") == plain.descriptions
+    record(
+        "csv-bom",
+        f"read as the plain files: the same {len(excel.study_ids)} studies, grades, coordinates and "
+        "descriptions",
+    )
 
 
 @pytest.mark.parametrize("name", ["train.csv", "train_grades.csv"])
-def test_a_duplicate_study_row_names_both_lines(data, name):
+def test_a_duplicate_study_row_names_both_lines(data, name, tmp_path, capsys):
+    """Through `lumbar-tf prepare`: exit 2 with the one line, before any study is read."""
+    from lumbar_tf.cli.main import main
+
     path = data / name
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:4] + [lines[2]] + lines[4:]))
@@ -51,6 +61,14 @@ def test_a_duplicate_study_row_names_both_lines(data, name):
     with pytest.raises(DatasetError) as err:
         read_index(data)
     assert str(err.value) == f"{path}: study_id {sid} appears twice (lines 3 and 5)"
+    code = main(["prepare", "--data", str(data), "--out", str(tmp_path / "cache")])
+    assert (code, capsys.readouterr().err.splitlines()) == (2, [f"error: {err.value}"])
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    record(
+        "csv-duplicates",
+        f"`prepare`: exit {code}, `error: {shape(str(err.value).replace(sid, 'ID'), **{name: path})}`",
+        name,
+    )
 
 
 def test_a_binary_descriptions_file_is_one_line(tmp_path):
@@ -67,27 +85,8 @@ def test_formula_cells_are_written_as_text(tmp_path, cell):
         rows = list(csv.reader(handle))
     written = "'" + cell.replace("\r", "\n")  # a bare CR would split the row
     assert rows[1] == [written, written] and rows[2] == ["-0.5", "1.5"]
-
-
-def test_test_folder_ids_are_plain_integers_inside_the_folder(tmp_path):
-    """`predict --data --submission`: an id that names a path or a formula, or a study folder that is
-    a link out of the data, is refused; per-study outputs go beside the submission."""
-    from lumbar_tf.runtime.batch import default_out_dir, find_test_studies
-
-    images = tmp_path / "data" / "test_images"
-    for name in ("1001", '=HYPERLINK("http:x")'):
-        (images / name).mkdir(parents=True)
-    (tmp_path / "outside").mkdir()
-    (images / "1002").symlink_to(tmp_path / "outside", target_is_directory=True)
-    (tmp_path / "data" / "test_series_descriptions.csv").write_text(
-        "study_id,series_id,series_description\n1001,1,Sagittal T1\n../../data/train_images/7,1,Sagittal T1\n"
-    )
-    found, ids, _, refused = find_test_studies(tmp_path / "data")
-    assert found == images and ids == ["1001"]
-    assert refused == {
-        "../../data/train_images/7": "study_id is not a plain integer; refused",
-        '=HYPERLINK("http:x")': "study_id is not a plain integer; refused",
-        "1002": "study folder is a link that leaves the images folder; refused",
-    }
-    submission = tmp_path / "out" / "submission.csv"
-    assert default_out_dir(submission) == tmp_path / "out" / "submission_studies"
+    if cell.startswith("="):
+        record(
+            "csv-formulas",
+            f"written as text with a leading `'` (`{rows[1][0]}`); numbers such as `-0.5` kept",
+        )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability.table import record
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "lumbar_spine"
 
@@ -71,3 +73,9 @@ def test_a_killed_export_leaves_no_partial_version(tiny_run, phantom_cache, tmp_
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
     assert versions == ([1, 2] if point == "published" else [1])
     assert all(_complete(model_dir / str(v)) for v in versions)
+    left = "version 1 whole" if point == "published" else "no version folder"
+    record(
+        "killed-export",
+        f"{point}: {left}; the next export exits 0 and publishes version {versions[-1]}",
+        point,
+    )

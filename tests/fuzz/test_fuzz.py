@@ -16,6 +16,7 @@ from lumbar_tf.core.errors import DicomError
 from lumbar_tf.dicom.reader import decode_instance, read_instance_header
 from tests.fuzz.fuzz_inputs import Target, run_mutations, write_seeds
 from tests.hostile_files import valid_file
+from tests.reliability.table import record
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_seeded_mutations_raise_only_one_line_bad_input_errors(tmp_path):
     seeds = write_seeds(tmp_path / "seeds")
     assert len(seeds) >= 8
-    assert run_mutations(Target(tmp_path / "scratch"), seeds, runs=300, seconds=None, seed=1) == 300
+    runs = run_mutations(Target(tmp_path / "scratch"), seeds, runs=300, seconds=None, seed=1)
+    assert runs == 300
+    record(
+        "fuzz",
+        f"{runs} inputs from {len(seeds)} seeds, each read or refused with a one-line bad-input error; "
+        "longer runs (`make fuzz`, atheris) in `tests/fuzz/README.md`",
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")

@@ -12,6 +12,7 @@ import pytest
 
 from lumbar_tf.core.errors import ModelLoadError
 from lumbar_tf.runtime.keras_model import load_model
+from tests.reliability.table import record, shape
 
 
 def _save(model, path):
@@ -28,6 +29,7 @@ def test_a_lambda_layer_is_refused(tmp_path):
     assert str(err.value) == (
         f"{path}: refused: the model holds a Lambda layer (Python code), which is never loaded"
     )
+    record("model-files", f"`{shape(str(err.value), file=path)}`", "lambda")
 
 
 def test_an_unknown_class_is_refused(tmp_path):
@@ -47,13 +49,15 @@ def test_an_unknown_class_is_refused(tmp_path):
         load_model(hacked)
     line = str(err.value)
     assert line.startswith(f"{hacked}: refused: unknown class 'os.system'") and "\n" not in line
+    record("model-files", f"`{shape(line, file=hacked)}`", "unknown")
 
 
 def test_a_foreign_model_is_refused(tmp_path):
     inputs = keras.Input((4,))
     path = _save(keras.Model(inputs, keras.layers.Dense(2)(inputs)), tmp_path / "plain.keras")
-    with pytest.raises(ModelLoadError, match=rf"^{path}: not a lumbar-tf end-to-end model$"):
+    with pytest.raises(ModelLoadError, match=rf"^{path}: not a lumbar-tf end-to-end model$") as err:
         load_model(path)
+    record("model-files", f"`{shape(str(err.value), file=path)}`", "foreign")
     assert np.isfinite(keras.models.load_model(path).predict(np.ones((1, 4)), verbose=0)).all()
 
 
@@ -63,3 +67,4 @@ def test_garbage_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(path)
     assert str(err.value).startswith(f"{path}: cannot load model (") and "\n" not in str(err.value)
+    record("model-files", f"`{shape(str(err.value), file=path)}`", "garbage")

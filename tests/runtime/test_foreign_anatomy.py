@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lumbar_tf.runtime import quality
+from tests.reliability.table import record
 from tests.runtime.foreign_anatomy import KINDS, write_foreign_study
 
 
@@ -40,6 +41,11 @@ def test_another_body_part_is_flagged_end_to_end(tiny_export, phantom_dir, tmp_p
     assert len(flagged) == 1 and "vertical_periodicity" in flagged[0]
     assert "vertical_periodicity" in quality.banner(preds)
     json.dumps(preds, allow_nan=False)
+    record(
+        "foreign-anatomy",
+        f"{kind}: `quality.plausible: false`, one warning naming `vertical_periodicity`, the report banner",
+        kind,
+    )
 
 
 def test_the_banner_renders_for_another_body_part(tiny_export, tmp_path):
@@ -136,3 +142,9 @@ def test_false_alarm_and_detection_rates(tiny_export, phantom_dir, tmp_path_fact
         print(name, json.dumps(report[name]))
         assert alarms == [], (name, alarms)
         assert len(missed) <= len(foreign_dirs) // 5, (name, missed)
+        record(
+            "foreign-rates",
+            f"{name}: no false alarm on the {len(spines)} phantoms, at least 80% of the {len(foreign_dirs)} "
+            "foreign studies flagged (figures: see below)",
+            name,
+        )

@@ -17,6 +17,7 @@ import pytest
 from lumbar_tf.core.errors import ServingError
 from lumbar_tf.runtime.serving.grpc import GrpcClient
 from lumbar_tf.runtime.serving.rest import RestClient
+from tests.reliability.table import record, shape
 from tests.serving_fixtures import (
     ModelRepository,
     build_tiny_saved_model,
@@ -87,13 +88,13 @@ def raw_server():
 
 
 @pytest.mark.parametrize(
-    "answer",
+    "part, answer",
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 600\r\n\r\n" + b" " * 600,  # a body a byte at a time
-        b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 600,  # headers that never end
+        ("body", b"HTTP/1.1 200 OK\r\nContent-Length: 600\r\n\r\n" + b" " * 600),  # a byte at a time
+        ("headers", b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 600),  # headers that never end
     ],
 )
-def test_rest_call_ends_at_its_deadline_however_slow_the_server(raw_server, answer):
+def test_rest_call_ends_at_its_deadline_however_slow_the_server(raw_server, part, answer):
     server = raw_server(_drip(answer))  # 60 s of drip at 0.1 s a byte; each read well within 1 s
     client = RestClient(server.url, timeout_s=1.0, retries=2, backoff_s=0.01)
     start = time.monotonic()
@@ -102,6 +103,11 @@ def test_rest_call_ends_at_its_deadline_however_slow_the_server(raw_server, answ
     assert time.monotonic() - start < 15  # two tries of 1 s, not 2 x 60 s of drip
     assert err.value.code == "DEADLINE_EXCEEDED"
     assert str(err.value) == f"TF Serving at {server.url} did not answer predict within 1 s (2 tries)"
+    record(
+        "rest-slow",
+        f"{part}: ends within its 2 tries of 1 s, `{shape(str(err.value), url=server.url)}`",
+        part,
+    )
 
 
 def test_rest_declared_huge_answer_is_refused_unread(raw_server):
@@ -115,6 +121,11 @@ def test_rest_declared_huge_answer_is_refused_unread(raw_server):
         client.metadata()
     assert err.value.code == "CLIENT" and err.value.bad_input is not None
     assert "sent an answer of 2147483648 bytes, over the 67108864-byte limit" in str(err.value)
+    record(
+        "huge-answers",
+        f"REST declared: refused unread, `{shape(str(err.value), url=server.url)}`",
+        "declared",
+    )
 
 
 def test_rest_streamed_huge_answer_is_cut_at_the_cap(raw_server):
@@ -129,6 +140,11 @@ def test_rest_streamed_huge_answer_is_cut_at_the_cap(raw_server):
     with pytest.raises(ServingError, match="over the 1048576-byte limit") as err:
         client.metadata()
     assert err.value.code == "CLIENT"
+    record(
+        "huge-answers",
+        f"REST streamed: cut at the cap (1 MiB here), `{shape(str(err.value), url=server.url)}`",
+        "streamed",
+    )
 
 
 def test_rest_garbage_answer_is_one_line(raw_server):
@@ -154,6 +170,11 @@ def test_grpc_answer_over_the_cap_is_refused(repository):
             assert client.predict(random_views(1, VIEW_SIZE))  # the default cap lets answers through
     assert err.value.code == "CLIENT"
     assert f"TF Serving at {server.target} sent an answer to predict over the 64-byte limit" in str(err.value)
+    record(
+        "huge-answers",
+        f"gRPC: refused (64 bytes here), `{shape(str(err.value), target=server.target)}`",
+        "grpc",
+    )
 
 
 def test_grpc_load_with_a_restart_midway(repository):
@@ -204,3 +225,8 @@ def test_grpc_load_with_a_restart_midway(repository):
     assert set(outcomes) <= {"ok", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, set(outcomes)
     assert outcomes.count("ok") >= n * 0.9  # the retries carry requests over the restart
     assert max(e for _, e in results) < bound
+    record(
+        "grpc-load",
+        f"all {len(results)} end in outputs or a one-line UNAVAILABLE / DEADLINE_EXCEEDED, none past its "
+        f"bound of {bound:.0f} s; at least 90% answered, the retries carrying them over the restart",
+    )

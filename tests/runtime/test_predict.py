@@ -131,37 +131,75 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
+# Ids a hostile test folder holds besides its studies (issue 14 items 2 and 3): a CSV row naming a
+# path out of the folder, a folder named like a spreadsheet formula, a study folder linked elsewhere.
+TRAVERSAL_ID = "../../outside/train_images/{sid}"
+FORMULA_ID = '=HYPERLINK("http:x")'
+LINKED_ID = "1002"
+
+
 @pytest.fixture(scope="module")
 def test_folder(phantom_dir, tmp_path_factory):
-    """An RSNA test-layout folder: two good studies and one without any sagittal series."""
-    root = tmp_path_factory.mktemp("testdata")
+    """An RSNA test-layout folder: two good studies, one without any sagittal series, and the
+    hostile ids above, each of which leads to a real study if followed."""
+    base = tmp_path_factory.mktemp("testdata")
+    root = base / "data"
     images = root / "test_images"
-    images.mkdir()
+    images.mkdir(parents=True)
     studies = sorted((phantom_dir / "train_images").iterdir())
     good = [studies[2], studies[3]]
     for study in good:
         shutil.copytree(study, images / study.name)
     bad = copy_study_without(studies[4], images, planes=("sagittal",))
+    outside = base / "outside" / "train_images"
+    shutil.copytree(studies[5], outside / studies[5].name)
+    shutil.copytree(studies[5], images / FORMULA_ID)
+    (images / LINKED_ID).symlink_to(outside / studies[5].name, target_is_directory=True)
     with open(phantom_dir / "train_series_descriptions.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r["study_id"] in {s.name for s in [*good, bad]}]
+    rows.append(
+        {
+            "study_id": TRAVERSAL_ID.format(sid=studies[5].name),
+            "series_id": "1",
+            "series_description": "Sagittal T1",
+        }
+    )
     with open(root / "test_series_descriptions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["study_id", "series_id", "series_description"])
         writer.writeheader()
         writer.writerows(rows)
-    return root, [s.name for s in good], bad.name
+    refused = {TRAVERSAL_ID.format(sid=studies[5].name), FORMULA_ID, LINKED_ID}
+    return root, [s.name for s in good], bad.name, refused
 
 
-def test_submission_for_a_test_folder_skips_bad_studies(export_dir, test_folder, tmp_path, capsys):
+def _files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def test_submission_for_a_test_folder_skips_bad_studies(
+    export_dir, test_folder, tmp_path, capsys, monkeypatch
+):
+    """A bad study gets the prior's rows and is reported; hostile ids are refused, never read or
+    written: the per-study outputs go beside the submission, nothing lands outside it."""
     from lumbar_tf.cli.main import main
+    from lumbar_tf.runtime.batch import default_out_dir
+    from tests.reliability.table import record, shape
 
-    root, good, bad = test_folder
-    submission = tmp_path / "submission.csv"
-    out = tmp_path / "out"
+    root, good, bad, refused = test_folder
+    out_root = tmp_path / "results"
+    submission = out_root / "submission.csv"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    data_files = _files_under(root.parent)
     model = export_dir / "tflite" / f"{NAME}_float32.tflite"
     args = ["predict", "--model", str(model), "--data", str(root), "--submission", str(submission)]
-    assert main([*args, "--out", str(out)]) == 0
+    code = main(args)
+    assert code == 0
     captured = capsys.readouterr()
     assert f"warning: study {bad}" in captured.err and "no sagittal series" in captured.err
+    for name in refused:
+        assert f"warning: study {name!r}: " in captured.err
     with open(submission) as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["row_id", "normal_mild", "moderate", "severe"]
@@ -173,13 +211,30 @@ def test_submission_for_a_test_folder_skips_bad_studies(export_dir, test_folder,
     ]
     for row in body:
         assert sum(float(v) for v in row[1:]) == pytest.approx(1.0, abs=1e-5)
-    report = json.loads((tmp_path / "submission.report.json").read_text())
+    report = json.loads((out_root / "submission.report.json").read_text())
     assert report["n_predicted"] == 2 and report["n_from_prior"] == 1
     assert "no sagittal series" in report["from_prior"][bad]
+    assert set(report["refused"]) == refused
     prior_rows = [r for r in body if r[0].startswith(f"{bad}_")]
     assert len({tuple(r[1:]) for r in prior_rows}) > 1  # per-cell class frequencies, not one constant
+    studies_out = default_out_dir(submission)
     for sid in good:
-        assert json.loads((out / sid / "predictions.json").read_text())["study_id"] == sid
+        assert json.loads((studies_out / sid / "predictions.json").read_text())["study_id"] == sid
+    # Nothing written but the submission, its report and the two predicted studies' folders.
+    assert _files_under(tmp_path) == {
+        submission,
+        out_root / "submission.report.json",
+        *(studies_out / sid / "predictions.json" for sid in good),
+    }
+    assert _files_under(root.parent) == data_files
+    reasons = sorted({shape(r, data=root) for r in report["refused"].values()})
+    record(
+        "submission-ids",
+        f"exit {code}; refused, listed in `submission.report.json` and on stderr: "
+        f"{', '.join(f'`{r}`' for r in reasons)}; "
+        f"the study without sagittal series gets the prior's 25 rows; only plain-integer row_ids; "
+        f"nothing written but the submission, its report and `submission_studies/ID/predictions.json`",
+    )
 
 
 def _serving_fixtures():
