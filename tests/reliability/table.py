@@ -223,6 +223,20 @@ CASES = (
         parts=("lambda", "unknown", "foreign", "garbage"),
     ),
     Case(
+        "qc-levels",
+        "11",
+        "Level positions reversed, collapsed, 5 mm apart, outside the view, zig-zag",
+        ("tests/runtime/test_quality.py::test_implausible_level_positions_are_flagged",),
+        parts=("reversed", "collapsed", "5 mm apart", "outside the view", "zig-zag"),
+    ),
+    Case(
+        "qc-images",
+        "11",
+        "Noise, a checkerboard, a blank image as the localiser view",
+        ("tests/runtime/test_quality.py::test_image_checks_tell_texture_from_noise_and_patterns",),
+        parts=("noise", "checkerboard", "blank"),
+    ),
+    Case(
         "foreign-anatomy",
         "11",
         "A head, a knee, an abdominal cross-section, a phantom's axial series, each typed Sagittal T2",

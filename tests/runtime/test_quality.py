@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lumbar_tf.runtime import quality
+from tests.reliability.table import record
 
 CROP_MM = 200.0
 
@@ -46,6 +47,7 @@ def test_implausible_level_positions_are_flagged(name, xy, failing):
     assert not qc["plausible"], name
     assert failing in quality.failed(qc), (name, qc["checks"])
     assert json.loads(json.dumps(qc)) == qc  # plain JSON: no numpy scalars, no NaN
+    record("qc-levels", f"{name}: `plausible: false` ({', '.join(quality.failed(qc))})", name)
 
 
 def test_levels_120_mm_apart_are_flagged():
@@ -78,6 +80,9 @@ def test_image_checks_tell_texture_from_noise_and_patterns():
         "neighbour_correlation",
         "entropy_bits",
     }
+    for name, image in (("noise", noise), ("checkerboard", checker), ("blank", blank)):
+        failed = ", ".join(quality.failed({"checks": quality.image_checks(image)}))
+        record("qc-images", f"{name}: `plausible: false` ({failed})", name)
 
 
 def quality_levels():
