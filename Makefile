@@ -8,7 +8,7 @@ DEMO_DIR ?= demo_out
 # across workers (tests/conftest.py `_built_once`).
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test test-slow lint bench fuzz clean
+.PHONY: setup demo test test-slow lint bench fuzz reliability clean
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 SECONDS ?= 300
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz.fuzz_inputs -max_total_time=$(SECONDS)
+
+# Rewrite the README's Reliability table from what its cases do (tests/reliability/).
+reliability: $(STAMP)
+	$(BIN)/python -m tests.reliability --write-readme
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
