@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from lumbar_tf.core import labels
+from tests.reliability.table import record
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "lumbar_spine"
@@ -430,12 +431,18 @@ def test_publish_tflite_replaces_this_models_variants_and_leaves_nothing_stale(t
     written = publish_tflite(folder, NAME, {"float32": (b"v2", {"version": 2})}, VARIANTS)
     assert written == {"float32": folder / f"{NAME}_float32.tflite"}
     assert (folder / f"{NAME}_float32.tflite").read_bytes() == b"v2"
-    assert _sidecar_version(folder, "float32") == 2
+    version = _sidecar_version(folder, "float32")
+    assert version == 2
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [f"{NAME}_float32.tflite", f"{NAME}_float32.json", other.name]
     )
     assert publish_tflite(folder, NAME, {}, VARIANTS) == {}
     assert sorted(p.name for p in folder.iterdir()) == [other.name]
+    record(
+        "stale-variants",
+        f"the new float32 file and its JSON say version {version}; version 1's int8 and a killed "
+        "export's temporary file removed; another model's file kept",
+    )
 
 
 @pytest.mark.slow  # three exports, two TFLite conversions: ~40 s

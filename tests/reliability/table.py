@@ -145,6 +145,14 @@ CASES = (
         slow=True,
     ),
     Case(
+        "stale-variants",
+        "5",
+        "A second export beside version 1's TFLite files and a killed export's temporary file",
+        (
+            "tests/export/test_export.py::test_publish_tflite_replaces_this_models_variants_and_leaves_nothing_stale",
+        ),
+    ),
+    Case(
         "geometry-refused",
         "6",
         "PixelSpacing 1e-6 or 1e6 mm, ImagePositionPatient 1e300 or 20 m away, RescaleSlope 0",
@@ -285,13 +293,13 @@ def readme_rows(text: str | None = None) -> list[str]:
 
 
 def readme_outcomes(text: str | None = None) -> dict[str, dict[str, str]]:
-    """``{case key: {part: outcome}}`` as the README says, rows matched to `CASES` in order."""
-    rows = readme_rows(text)
+    """``{case key: {part: outcome}}`` as the README says, rows matched to `CASES` by their Case
+    column (a row with the wrong number of parts is left out)."""
+    by_case = {cells[1]: cells[2] for cells in map(_cells, readme_rows(text)) if len(cells) == 4}
     found = {}
-    for case, line in zip(CASES, rows, strict=False):
-        outcome = _cells(line)[2]
-        parts = outcome.split(PART_SEP)
-        if len(parts) == len(case.parts):
+    for case in CASES:
+        parts = by_case.get(case.case, "").split(PART_SEP)
+        if case.case in by_case and len(parts) == len(case.parts):
             found[case.key] = dict(zip(case.parts, parts, strict=True))
     return found
 
