@@ -20,7 +20,7 @@ def _save(model, path):
     return path
 
 
-def test_a_lambda_layer_is_refused(tmp_path):
+def test_a_lambda_layer_is_refused(tmp_path, capsys):
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
     path = _save(keras.Model(inputs, outputs), tmp_path / "lambda.keras")
@@ -29,7 +29,11 @@ def test_a_lambda_layer_is_refused(tmp_path):
     assert str(err.value) == (
         f"{path}: refused: the model holds a Lambda layer (Python code), which is never loaded"
     )
-    record("model-files", f"`{shape(str(err.value), file=path)}`", "lambda")
+    from lumbar_tf.cli.main import main
+
+    code = main(["predict", "--model", str(path), "--study", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert (code, capsys.readouterr().err.splitlines()) == (2, [f"error: {err.value}"])
+    record("model-files", f"`predict`: exit {code}, `error: {shape(str(err.value), file=path)}`", "lambda")
 
 
 def test_an_unknown_class_is_refused(tmp_path):
