@@ -104,6 +104,9 @@ class PreprocessConfig:
         return self.views[0].name
 
 
+AXIAL_POOLINGS = ("sides", "global")
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the localiser and the grader."""
@@ -118,6 +121,9 @@ class ModelConfig:
     level_embedding_dim: int = 8
     head_units: int = 128
     dropout: float = 0.3
+    # How the grader pools the axial crop's feature map: "sides" keeps the patient-right and -left halves
+    # apart (`models.networks.SidePooling`: which recess is narrowed), "global" averages them together.
+    axial_pooling: str = "sides"
 
 
 @dataclass
@@ -351,6 +357,7 @@ def _validate(config: Config) -> None:
         ("train.mixed_precision", config.train.mixed_precision in ("auto", "mixed_float16", "float32")),
         ("train.val_fold", 0 <= config.train.val_fold < config.train.folds),
         ("model.dropout", 0.0 <= config.model.dropout < 1.0),
+        ("model.axial_pooling", config.model.axial_pooling in AXIAL_POOLINGS),
     ]
     _check(checks)
 

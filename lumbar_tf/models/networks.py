@@ -99,6 +99,25 @@ class OrdinalLogits(layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SidePooling(layers.Layer):
+    """Feature map ``[N, h, w, C]`` -> ``[N, 2C]``: the mean over the patient-right half of the columns,
+    then over the patient-left half (an odd middle column belongs to neither).
+
+    For the axial crop, whose columns run towards patient left (`lumbar_tf.axial`): a global mean adds
+    the two lateral recesses together, so the head could not tell which side is narrowed.
+    """
+
+    def call(self, inputs):
+        half = inputs.shape[2] // 2
+        right = ops.mean(inputs[:, :, :half, :], axis=(1, 2))
+        left = ops.mean(inputs[:, :, inputs.shape[2] - half :, :], axis=(1, 2))
+        return ops.concatenate([right, left], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 2 * input_shape[-1])
+
+
 # === Mixed precision ===
 
 
@@ -332,20 +351,22 @@ def _grader_layers(cfg: ModelConfig) -> dict:
     }
 
 
-def _grader_graph(view_inputs: list, level_index, backbones: list, head: dict, tap: int | None = None):
-    """Wire views -> their backbones (one model shared by the sagittal views) -> pooled features +
-    level embedding -> ordinal logits.
+def _grader_graph(
+    view_inputs: list, level_index, backbones: list, pools: list, head: dict, tap: int | None = None
+):
+    """Wire views -> their backbones (one model shared by the sagittal views) -> their pooling layers
+    -> pooled features + level embedding -> ordinal logits.
 
     With ``tap`` set, that view's feature map passes through an Identity layer named
     `GRADCAM_LAYER` and is returned too.
     """
     pooled, tapped = [], None
-    for index, (view, backbone) in enumerate(zip(view_inputs, backbones, strict=True)):
+    for index, (view, backbone, pool) in enumerate(zip(view_inputs, backbones, pools, strict=True)):
         feature_map = backbone(view)
         if index == tap:
             feature_map = layers.Identity(name=GRADCAM_LAYER, dtype=backbone.dtype_policy)(feature_map)
             tapped = feature_map
-        pooled.append(head["feature_pool"](feature_map))
+        pooled.append(pool(feature_map))
     embedding = head["level_embedding"](level_index)
     x = head["features"]([*pooled, embedding])
     x = head["head_dropout_in"](x)
@@ -361,6 +382,7 @@ def build_grader(
     cfg: ModelConfig | None = None,
     name: str = "grader",
     own_backbone: tuple[str, ...] = (),
+    side_pooled: tuple[str, ...] = (),
 ) -> keras.Model:
     """Level grader: a shared backbone over each view's crop, a level embedding and an ordinal head.
 
@@ -374,6 +396,8 @@ def build_grader(
             crop. Shared with the sagittal crops, its BatchNorm moving statistics (updated once per
             view call, the last call weighing most) fitted neither picture, and the axial model came
             out worse than the sagittal-only one on every group (benchmarks/axial_ablation_results.md).
+        side_pooled: views whose feature map is pooled per side (`SidePooling`, layer
+            ``side_pool_<view>``) instead of globally: the axial crop with ``model.axial_pooling`` "sides".
 
     Returns:
         A model with dict inputs ``{view: [N, S, S, 3] float32 0-255, ..., "level_index": [N] int32
@@ -393,14 +417,26 @@ def build_grader(
         for v in view_names
     ]
     inputs = _grader_inputs(view_names, crop_size)
-    logits, _ = _grader_graph(
-        [inputs[v] for v in view_names], inputs[LEVEL_INPUT], backbones, _grader_layers(cfg)
-    )
+    head = _grader_layers(cfg)
+    pools = [
+        SidePooling(name=side_pool_name(v)) if v in side_pooled else head["feature_pool"] for v in view_names
+    ]
+    logits, _ = _grader_graph([inputs[v] for v in view_names], inputs[LEVEL_INPUT], backbones, pools, head)
     return keras.Model(inputs, logits, name=name)
 
 
 def own_backbone_name(view: str) -> str:
     return f"{BACKBONE_LAYER}_{view}"
+
+
+def side_pool_name(view: str) -> str:
+    return f"side_pool_{view}"
+
+
+def _view_pool(grader: keras.Model, view: str) -> layers.Layer:
+    """The pooling layer of a view's feature map: its `SidePooling`, else the shared global pool."""
+    names = {layer.name for layer in grader.layers}
+    return grader.get_layer(side_pool_name(view) if side_pool_name(view) in names else "feature_pool")
 
 
 def _view_backbone(grader: keras.Model, view: str) -> keras.Model:
@@ -460,8 +496,14 @@ def build_grader_gradcam_model(grader: keras.Model, view_name: str) -> keras.Mod
     backbones = [_view_backbone(grader, v) for v in view_names]
     head = {key: grader.get_layer(key) for key in _HEAD_LAYERS}
     inputs = _grader_inputs(view_names, int(grader.get_layer(view_names[0]).output.shape[1]))
+    pools = [_view_pool(grader, v) for v in view_names]
     logits, feature_map = _grader_graph(
-        [inputs[v] for v in view_names], inputs[LEVEL_INPUT], backbones, head, tap=view_names.index(view_name)
+        [inputs[v] for v in view_names],
+        inputs[LEVEL_INPUT],
+        backbones,
+        pools,
+        head,
+        tap=view_names.index(view_name),
     )
     return keras.Model(inputs, [feature_map, logits], name=f"{grader.name}_gradcam_{view_name}")
 

@@ -221,7 +221,8 @@ def _fit_grader(run, cfg: Config, cache, train_ids, val_ids, jitter_mm, extra_ca
     names = grader_input_names(p) if axial else p.view_names
     with distribution_scope():
         own = (p.axial.name,) if axial and p.axial is not None else ()
-        model = build_grader(p.crop_size, names, cfg.model, own_backbone=own)
+        sides = own if cfg.model.axial_pooling == "sides" else ()
+        model = build_grader(p.crop_size, names, cfg.model, own_backbone=own, side_pooled=sides)
         model.compile(
             optimizer=make_optimizer(stage, steps),
             loss=OrdinalFocalLoss.from_loss_config(cfg.train.loss),

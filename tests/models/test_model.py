@@ -309,3 +309,43 @@ def test_localizer_fits_and_its_loss_goes_down():
     history = localizer.fit(views, targets, batch_size=8, epochs=15, verbose=0).history["loss"]
     assert np.all(np.isfinite(history))
     assert history[-1] < history[0]
+
+
+# === Axial side pooling ===
+
+
+def test_side_pooling_keeps_the_two_halves_apart():
+    """[N, h, w, C] -> right-half mean then left-half mean; an odd middle column is in neither."""
+    rng = np.random.default_rng(0)
+    for width in (4, 5):
+        x = rng.normal(size=(2, 3, width, 6)).astype("float32")
+        out = np.asarray(M.SidePooling()(x))
+        half = width // 2
+        expected = np.concatenate(
+            [x[:, :, :half].mean(axis=(1, 2)), x[:, :, width - half :].mean(axis=(1, 2))], -1
+        )
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # A feature seen on the patient-left half only moves the left part of the pooled vector.
+    x = np.zeros((1, 4, 4, 2), "float32")
+    x[0, :, 3, 1] = 1.0
+    np.testing.assert_allclose(np.asarray(M.SidePooling()(x)), [[0.0, 0.0, 0.0, 0.5]])
+
+
+def test_side_pooled_axial_grader_reloads_and_explains(tmp_path):
+    views = (*VIEWS, "ax_t2")
+    grader = M.build_grader(
+        CROP,
+        views,
+        ModelConfig(backbone="small_cnn", **TINY),
+        own_backbone=("ax_t2",),
+        side_pooled=("ax_t2",),
+    )
+    assert grader.get_layer("features").output.shape[-1] == 32 + 32 + 2 * 32 + 4  # axial: two halves
+    batch = _grader_batch(3)
+    batch["ax_t2"] = np.random.default_rng(1).uniform(0, 255, (3, CROP, CROP, 3)).astype("float32")
+    reloaded = _roundtrip(grader, tmp_path, "side_pooled")
+    np.testing.assert_array_equal(np.asarray(reloaded(batch)), np.asarray(grader(batch)))
+    gradcam = M.build_grader_gradcam_model(reloaded, "ax_t2")
+    feature_map, logits = gradcam(batch, training=False)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(grader(batch)), rtol=1e-5, atol=1e-5)
+    assert feature_map.shape == (3, 4, 4, 32)
