@@ -57,7 +57,7 @@ def _score(series, canal_xyz, x_mid):
         np.min(np.abs([(s.position - np.array([x_mid, 0, 0])) @ series.normal for s in series.slices]))
     )
     inside = _inside(grid, canal_xyz[:, 1:]), _inside(field, canal_xyz[:, 1:])
-    return found.found, l5, *inside, mid_err - best, seconds
+    return found.found, l5, *inside, mid_err - best, seconds, found.l5s1_from
 
 
 def drawn(n: int, seed: int, tmp: Path, low: bool):
@@ -184,13 +184,16 @@ def realistic(n: int, seed: int, tmp: Path):
 
 
 def report(name: str, rows) -> str:
-    r = np.array(rows, dtype=float)
+    how = [row[-1] for row in rows]
+    r = np.array([row[:-1] for row in rows], dtype=float)
     l5 = f"L5/S1 error median {np.nanmedian(r[:, 1]):5.1f} mm, p90 {np.nanpercentile(r[:, 1], 90):5.1f} mm"
     inside = f"all levels in view: spine grid {r[:, 2].mean():.2f}, field grid {r[:, 3].mean():.2f}"
     midline = f"midline slice off by > 0: {np.mean(r[:, 4] > 0.5):.2f}"
     speed = f"find_spine {1000 * np.median(r[:, 5]):.0f} ms/study (median)"
+    placed = ", ".join(f"{k} {how.count(k)}" for k in preprocess.L5S1_FROM if how.count(k))
     line = (
         f"{name:<32} n={len(r):3d}  found {r[:, 0].mean():.2f}  {l5}  |  {inside}  |  {midline}  |  {speed}"
+        f"  |  L5/S1 from: {placed}"
     )
     print(line, flush=True)
     return line

@@ -246,6 +246,17 @@ SAC_TAIL_MM = 40.0
 # Where the sac runs off the field's lower edge, L5/S1 lies between SAC_TAIL_MM and the 15 mm
 # planning margin above that edge (measured 14-33 mm, median 21): this far.
 SAC_CUT_MM = 21.0
+# Where no end is seen, the sac runs off the field only where the canal is CSF-bright at the edge:
+# over the last SAC_RUNOFF_MM at least SAC_RUNOFF_BRIGHT of the canal's 90th percentile over
+# SAC_REFERENCE_MM, or over the last SAC_EDGE_MM (median) at least SAC_EDGE_BRIGHT of it (a
+# narrowing above the edge). Tuned on seeds 77 and 31: sacs cut by the edge 0.80-0.99 / 0.56-1.05,
+# ends the drop test missed in centred fields 0.37-0.47 / 0.74-0.79. Otherwise L5/S1 is uncertain:
+# halfway between the run-off place and a spine-centred field's (LEVELS_HALF_SPAN_MM below the field
+# centre), which holds all five levels for either.
+SAC_RUNOFF_MM = 40.0
+SAC_RUNOFF_BRIGHT = 0.7
+SAC_EDGE_MM = 10.0
+SAC_EDGE_BRIGHT = 0.9
 # The canal is traced at FINE_MM; its end is the lowest row where the CSF signal (at least
 # SAC_BRIGHT of the trace's 90th percentile over SAC_REFERENCE_MM above, median over SAC_WINDOW_MM)
 # falls to SAC_STEP of it below and stays there.
@@ -275,6 +286,13 @@ class SpineLocation:
     l5s1_yz: np.ndarray | None  # (2,) estimated L5/S1 canal point (None where not found)
     column_yz: np.ndarray  # [n, 2] the traced column (posterior elements), for pictures and tests
     midline_offset_mm: float  # midline relative to the stack centre, along the slice normal
+    # How L5/S1 was placed (`L5S1_FROM`); "" where no column was found.
+    l5s1_from: str = ""
+
+
+# SpineLocation.l5s1_from: the dural sac's end, the sac running off the field's lower edge, neither
+# seen (halfway between that and a spine-centred field), the column's shape (T1: dark CSF).
+L5S1_FROM = ("sac end", "sac off the field", "uncertain", "column shape")
 
 
 def _row_filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -493,6 +511,7 @@ class _Canal:
     top: int  # first row of the periodic column
     bottom: int  # last row inside the field
     highest: float  # the planning bound: L5/S1 not above this row
+    centre: float  # the field centre's row
 
 
 def _canal(series: Series, index: int, column_yz: np.ndarray, field_centre: np.ndarray, cfg) -> _Canal | None:
@@ -526,21 +545,22 @@ def _canal(series: Series, index: int, column_yz: np.ndarray, field_centre: np.n
     signal = cv2.GaussianBlur(signal.astype(np.float32)[:, None], (1, 0), 2.0 / FINE_MM)[:, 0]
     # L5/S1 is at least L5S1_MIN_BELOW_MM below the field centre: a sac end much above that is none;
     # one a little above it with a clear drop (a small spine-centred field) puts L5/S1 on the bound.
-    highest = float(grid.patient_yz_to_view_px(field_centre)[1] + L5S1_MIN_BELOW_MM / FINE_MM)
+    centre = float(grid.patient_yz_to_view_px(field_centre)[1])
+    highest = centre + L5S1_MIN_BELOW_MM / FINE_MM
     # Arc length along the (smoothed) canal per row: a tilted sacrum drops less than its length.
     smooth = cv2.GaussianBlur(path.astype(np.float32)[:, None], (1, 0), 3.0 / FINE_MM)[:, 0]
     arc = np.concatenate([[0.0], np.cumsum(np.hypot(1.0, np.diff(smooth)))]) * FINE_MM
-    return _Canal(grid, path, signal, arc, top, bottom, highest)
+    return _Canal(grid, path, signal, arc, top, bottom, highest, centre)
 
 
-def _sac_end_row(canal: _Canal) -> float:
-    """Row of L5/S1 on the canal's grid: SAC_TAIL_MM up the canal from the lowest row where the CSF
-    signal ends for good, else SAC_CUT_MM above the field's edge (the sac runs off it)."""
+def _sac_end_row(canal: _Canal) -> tuple[float, str]:
+    """(Row of L5/S1 on the canal's grid, how: `L5S1_FROM`): SAC_TAIL_MM up the canal from the lowest
+    row where the CSF signal ends for good, else SAC_CUT_MM above the field's edge where the canal
+    stays bright to it (the sac runs off it), else halfway between that and a spine-centred field."""
     signal, arc, top, bottom, highest = canal.signal, canal.arc, canal.top, canal.bottom, canal.highest
     w = int(round(SAC_WINDOW_MM / FINE_MM))
     reference = int(round(SAC_REFERENCE_MM / FINE_MM))
     skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
-    row = bottom - SAC_CUT_MM / FINE_MM  # the sac runs off the field
     for r in range(bottom - 3, top + w, -1):
         above = float(np.interp(arc[r] - SAC_TAIL_MM, arc, np.arange(arc.size)))  # SAC_TAIL_MM up the canal
         if above < highest - SAC_BOUND_SLACK_MM / FINE_MM:
@@ -557,22 +577,27 @@ def _sac_end_row(canal: _Canal) -> float:
             # ... for good: after a narrowing at a disc the CSF comes back.
             and float(after[w // 2 :].max(initial=low)) - low < 0.5 * (up - low)
         ):
-            row = max(above, highest)
-            break
-    return row
+            return max(above, highest), "sac end"
+    off_field = bottom - SAC_CUT_MM / FINE_MM
+    csf = float(np.percentile(signal[max(top, bottom - reference) : bottom + 1], 90))
+    last = signal[max(top, bottom - int(round(SAC_RUNOFF_MM / FINE_MM))) : bottom + 1]
+    edge = signal[max(top, bottom - int(round(SAC_EDGE_MM / FINE_MM))) : bottom + 1]
+    if last.min() >= SAC_RUNOFF_BRIGHT * csf or np.median(edge) >= SAC_EDGE_BRIGHT * csf:
+        return off_field, "sac off the field"
+    return 0.5 * (off_field + canal.centre + LEVELS_HALF_SPAN_MM / FINE_MM), "uncertain"
 
 
 def _sac_end(
     series: Series, index: int, column_yz: np.ndarray, field_centre: np.ndarray, cfg
-) -> np.ndarray | None:
-    """L5/S1 canal point (patient y, z) from the end of the dural sac on a T2/STIR slice, or None
-    where no bright canal is traced (`SAC_TAIL_MM`, `SAC_CUT_MM`)."""
+) -> tuple[np.ndarray, str] | None:
+    """(L5/S1 canal point (patient y, z), how: `L5S1_FROM`) from the end of the dural sac on a
+    T2/STIR slice, or None where no bright canal is traced (`SAC_TAIL_MM`, `SAC_CUT_MM`)."""
     canal = _canal(series, index, column_yz, field_centre, cfg)
     if canal is None:
         return None
-    row = _sac_end_row(canal)
+    row, how = _sac_end_row(canal)
     r = int(np.clip(round(row), 0, canal.grid.size - 1))
-    return canal.grid.view_px_to_patient_yz([float(canal.path[r]), float(row)])
+    return canal.grid.view_px_to_patient_yz([float(canal.path[r]), float(row)]), how
 
 
 def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
@@ -622,6 +647,7 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
                 if run2 is not None and share2 >= MIN_PERIODICITY:
                     path, run, traced_on = path2, run2, near[k_mid]
     normal = series.normal
+    l5s1_from = ""
     if not found:
         centre_yz = field_centre
         l5s1, column = None, np.zeros((0, 2))
@@ -633,14 +659,15 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
         sac = None if "T1" in series.description else _sac_end(series, traced_on, column, field_centre, cfg)
         bend = _sacral_bend(path, run)
         if sac is not None:
+            sac, l5s1_from = sac
             l5s1_row = float(grid.patient_yz_to_view_px(sac)[1])
         elif bend is not None:
-            l5s1_row = bend
+            l5s1_row, l5s1_from = bend, "column shape"
         elif run[1] >= bottom_valid - 5:  # within 10 mm of the edge: the sacrum's end is not in the field
             centred = grid.patient_yz_to_view_px(field_centre)[1] + LEVELS_HALF_SPAN_MM / COARSE_MM
-            l5s1_row = 0.5 * (centred + bottom_valid - CUT_TAIL_MM / COARSE_MM)
+            l5s1_row, l5s1_from = 0.5 * (centred + bottom_valid - CUT_TAIL_MM / COARSE_MM), "uncertain"
         else:
-            l5s1_row = run[1] - SACRAL_TAIL_MM / COARSE_MM
+            l5s1_row, l5s1_from = run[1] - SACRAL_TAIL_MM / COARSE_MM, "column shape"
         # Lumbar fields are planned from spine-centred to spine-low: L5/S1 lies between
         # L5S1_MIN_BELOW_MM below the field centre and L5S1_EDGE_MM above its lower edge. A trace
         # that says otherwise has followed the thoracic column or lost the sacrum; keep it inside.
@@ -673,6 +700,7 @@ def find_spine(series: Series, cfg: PreprocessConfig) -> SpineLocation:
         l5s1_yz=l5s1,
         column_yz=column,
         midline_offset_mm=float(midline),
+        l5s1_from=l5s1_from,
     )
 
 
@@ -949,6 +977,7 @@ def view_norm_to_crop_px(box, xy_norm, cfg: PreprocessConfig) -> np.ndarray:
 
 
 __all__ = [
+    "L5S1_FROM",
     "SpineLocation",
     "ViewGrid",
     "apply_clahe",

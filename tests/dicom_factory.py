@@ -399,6 +399,43 @@ def spine_pixels(spec: SeriesSpec, spine: Spine, noise: float = 0.03) -> np.ndar
     return np.stack(out).astype(np.uint16)
 
 
+def halve_matrix(path: str | Path) -> Dataset:
+    """Rewrite the slice at ``path`` at half its matrix over the same field (2x2 means, PixelSpacing
+    doubled, ImagePositionPatient moved to the centre of the new first pixel): a slice of another size
+    than its series, as some archives hold. Returns the rewritten dataset."""
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array.astype(np.float64)
+    rows, cols = ds.Rows // 2, ds.Columns // 2
+    halved = pixels[: 2 * rows, : 2 * cols].reshape(rows, 2, cols, 2).mean(axis=(1, 3)).round()
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelData = halved.astype("<u2").tobytes()
+    spacing = [float(v) for v in ds.PixelSpacing]
+    row_dir, col_dir, _ = iop_vectors([float(v) for v in ds.ImageOrientationPatient])
+    shift = 0.5 * (spacing[1] * row_dir + spacing[0] * col_dir)  # half an old pixel along both
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in np.array(ds.ImagePositionPatient, float) + shift]
+    ds.PixelSpacing = [2 * v for v in spacing]
+    ds.save_as(path)
+    return ds
+
+
+def file_px(ds: Dataset, point) -> tuple[float, float]:
+    """(column, row) of a patient point ([3] mm, in the slice's plane) in the pixels of the file ``ds``:
+    what a reader clicking on that file records."""
+    row_dir, col_dir, _ = iop_vectors([float(v) for v in ds.ImageOrientationPatient])
+    rel = np.asarray(point, dtype=np.float64) - np.array(ds.ImagePositionPatient, dtype=np.float64)
+    row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
+    return float(rel @ row_dir / col_mm), float(rel @ col_dir / row_mm)
+
+
+def file_px_to_patient(ds: Dataset, xy) -> np.ndarray:
+    """Pixel (column, row) ``[..., 2]`` of the file ``ds`` -> patient mm ``[..., 3]``, from its own header."""
+    row_dir, col_dir, _ = iop_vectors([float(v) for v in ds.ImageOrientationPatient])
+    xy = np.asarray(xy, dtype=np.float64)
+    row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
+    ipp = np.array(ds.ImagePositionPatient, dtype=np.float64)
+    return ipp + xy[..., :1] * col_mm * row_dir + xy[..., 1:2] * row_mm * col_dir
+
+
 def spine_series(spine: Spine, description: str = "Sagittal T2/STIR", **kwargs) -> SeriesSpec:
     """A SeriesSpec (``kwargs`` set its geometry) with pixels drawn from ``spine``."""
     spec = SeriesSpec(description, slope=None, intercept=None, **kwargs)

@@ -209,6 +209,15 @@ class SliceHeader:
         scale = np.array([self.cols / self.file_shape[1], self.rows / self.file_shape[0]])
         return (xy + 0.5) * scale - 0.5
 
+    def px_to_file_px(self, xy) -> np.ndarray:
+        """(column, row) in this header's matrix ``[..., 2]`` -> in the file's own (the inverse of
+        `file_px_to_px`): what outputs that name the file's pixels (predictions.json) report."""
+        xy = np.asarray(xy, dtype=np.float64)
+        if self.file_shape is None:
+            return xy
+        scale = np.array([self.file_shape[1] / self.cols, self.file_shape[0] / self.rows])
+        return (xy + 0.5) * scale - 0.5
+
     def pixel_to_patient(self, xy) -> np.ndarray:
         """(column, row) pixel coordinates ``[..., 2]`` -> LPS mm ``[..., 3]``."""
         xy = np.asarray(xy, dtype=np.float64)

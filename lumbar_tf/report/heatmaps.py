@@ -426,12 +426,18 @@ __all__ = [
 
 def midline_image(result) -> np.ndarray | None:
     """The source midline slice the level positions lie on, normalised as the views are
-    (percentile clip + CLAHE): uint8 ``[H, W]``; None when the study has no such slice."""
+    (percentile clip + CLAHE): uint8 ``[H, W]`` on the file's own matrix, the pixels the positions
+    name (a slice of another size is decoded resampled onto its series'); None when the study has
+    no such slice."""
     midline = result.midline()
     if midline is None:
         return None
     series, index = midline
-    return prepared_slices(series, [index], result.preprocess)[0]
+    image = prepared_slices(series, [index], result.preprocess)[0]
+    shape = series.slices[index].file_shape
+    if shape is not None:
+        image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return image
 
 
 def write_heatmaps_for(result, out_dir) -> list[Path]:

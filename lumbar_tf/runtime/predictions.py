@@ -194,7 +194,8 @@ def level_positions_from_views(
 
     The points go on the midline slice (the channel whose offset is nearest 0 mm) of the first
     configured view that was built (the localiser view, Sagittal T2/STIR by default), through
-    `preprocess.view_norm_to_source_px`. If that view's series is missing, the next view's midline is
+    `preprocess.view_norm_to_source_px`, in the pixels of the slice's file (`SliceHeader.px_to_file_px`).
+    If that view's series is missing, the next view's midline is
     used; with no view at all, positions are None. Either case appends a message to ``warnings``.
 
     Args:
@@ -213,7 +214,9 @@ def level_positions_from_views(
             continue
         channel = int(np.argmin(np.abs(np.asarray(spec.offsets_mm, dtype=np.float64))))
         instance = int(instances[channel])
-        px = preprocess.view_norm_to_source_px(series, series.index_of_instance(instance), xy, grid)
+        index = series.index_of_instance(instance)
+        # The file's own pixels: a slice of another size was resampled onto its series' matrix.
+        px = series.slices[index].px_to_file_px(preprocess.view_norm_to_source_px(series, index, xy, grid))
         if k > 0:
             warnings.append(
                 f"level positions are on the midline {spec.series_description} slice "

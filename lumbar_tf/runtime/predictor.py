@@ -171,21 +171,26 @@ def axial_inputs(predictor, study: Study, batch: dict, grid, info: dict, level_x
     return projections, crops
 
 
-def _axial_entries(projections, warnings: list) -> tuple[list[dict], str | None]:
-    """predictions.json's ``axial`` (one entry per level) and the series used; a warning per level
-    the axial series does not cover (it is graded from the sagittal views alone)."""
+def _axial_entries(study: Study, projections, warnings: list) -> tuple[list[dict], str | None]:
+    """predictions.json's ``axial`` (one entry per level, x/y in the pixels of the slice's file) and
+    the series used; a warning per level the axial series does not cover (it is graded from the
+    sagittal views alone)."""
+    by_id = {s.series_id: s for s in axial.axial_series(study)}
     entries = []
     for p in projections:
         if not p.covered:
             warnings.append(f"{p.level}: no axial coverage ({p.reason}); graded from the sagittal views only")
+        x, y = p.x_px, p.y_px
+        if p.covered:  # a slice of another size was resampled onto its series' matrix
+            x, y = by_id[p.series_id].slices[p.slice_index].px_to_file_px((p.x_px, p.y_px))
         entries.append(
             {
                 "level": p.level,
                 "covered": bool(p.covered),
                 "series_id": p.series_id if p.covered else None,
                 "instance_number": p.instance_number if p.covered else None,
-                "x": float(p.x_px) if p.covered else None,
-                "y": float(p.y_px) if p.covered else None,
+                "x": float(x) if p.covered else None,
+                "y": float(y) if p.covered else None,
                 "distance_mm": float(p.distance_mm) if p.covered else None,
             }
         )
@@ -208,7 +213,7 @@ def study_result(
     series = {k: None if v is None else v.series_id for k, v in preprocess.view_series(study, cfg).items()}
     axial_entries = None
     if cfg.axial is not None:
-        axial_entries, series[cfg.axial.name] = _axial_entries(axial[0], warnings)
+        axial_entries, series[cfg.axial.name] = _axial_entries(study, axial[0], warnings)
     qc = quality.assess(
         level_xy,
         grid.spine_crop_mm,

@@ -122,3 +122,39 @@ def test_evaluate_reports_metrics_by_field_placement(tiny_run, phantom_dir, phan
         assert block[group]["localizer_error_mm"]["median"] >= 0.0
     table = format_metrics_table(metrics)
     assert "spine low (n=4)" in table and f"spine centred (n={metrics['n_studies'] - 4})" in table
+
+
+def _canal_with(signal) -> preprocess._Canal:
+    """A straight canal on a 1 mm grid: rows 20-379 inside the field, its centre at row 150."""
+    n = len(signal)
+    grid = preprocess.ViewGrid(np.zeros(2), float(n), n)
+    return preprocess._Canal(
+        grid, np.full(n, n // 2), np.asarray(signal, np.float32), np.arange(n, dtype=np.float64),
+        top=20, bottom=379, highest=190.0, centre=150.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        # The CSF ends for good at row 300: L5/S1 40 mm up the canal (the 15 mm median window reads a
+        # step a few mm late; SAC_TAIL_MM was measured with it).
+        ("end", (265.0, "sac end")),
+        ("bright", (379 - preprocess.SAC_CUT_MM, "sac off the field")),  # CSF to the edge
+        ("narrowed", (379 - preprocess.SAC_CUT_MM, "sac off the field")),  # a narrowing, bright at the edge
+        # The canal fades towards the edge without a step (no end) and is not CSF-bright there (no sac
+        # cut by the edge): halfway between that and a spine-centred field (L5/S1 62 mm below row 150).
+        ("fading", (0.5 * (379 - preprocess.SAC_CUT_MM + 150 + preprocess.LEVELS_HALF_SPAN_MM), "uncertain")),
+    ],
+)
+def test_l5s1_from_the_sac_end_or_off_the_field_or_uncertain(case, expected):
+    signal = np.full(400, 0.8)
+    if case == "end":
+        signal[300:] = 0.1
+    elif case == "narrowed":
+        signal[350:356] = 0.1
+    elif case == "fading":
+        signal[280:] = np.interp(np.arange(280, 400), [280, 380], [0.8, 0.52])
+    row, how = preprocess._sac_end_row(_canal_with(signal))
+    assert how == expected[1]
+    assert row == pytest.approx(expected[0], abs=3.0)

@@ -221,17 +221,11 @@ def test_a_slice_of_another_size_is_resampled_or_dropped_not_the_study(tmp_path,
     before = build_views(read_study(study_dir), CFG)[0]["sag_t2"]
     files = sorted((study_dir / "11").iterdir())
     odd = min(files, key=lambda f: abs(float(pydicom.dcmread(f).ImagePositionPatient[0]) - spine.x_mid))
-    ds = pydicom.dcmread(odd)
-    pixels = ds.pixel_array.astype(np.float64)
-    ds.Rows, ds.Columns = 256, 256
-    ds.PixelData = pixels.reshape(256, 2, 256, 2).mean(axis=(1, 3)).round().astype("<u2").tobytes()
-    if same_field:
-        spacing = [float(v) for v in ds.PixelSpacing]
-        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
-        shift = 0.5 * (spacing[1] * iop[:3] + spacing[0] * iop[3:])  # half an old pixel along both
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.array(ds.ImagePositionPatient, float) + shift]
-        ds.PixelSpacing = [2 * v for v in spacing]
-    ds.save_as(odd)
+    pixels = pydicom.dcmread(odd).pixel_array.astype(np.float64)
+    ds = factory.halve_matrix(odd)
+    if not same_field:  # the file's own PixelSpacing: a 170 mm field
+        ds.PixelSpacing = [v / 2 for v in ds.PixelSpacing]
+        ds.save_as(odd)
     study = read_study(study_dir)
     t2 = study.series[SAGITTAL_T2]
     views, grid, info, warnings = build_views(study, CFG)
@@ -274,6 +268,124 @@ def test_a_slice_of_another_size_is_resampled_or_dropped_not_the_study(tmp_path,
     preds = predict_study(predictor, study_dir, study=study)
     assert [level["level"] for level in preds.predictions["levels"]] == list(L.LEVELS)
     assert any("256x256" in w for w in preds.predictions["warnings"])
+
+
+def _study_with_halved_slices(tmp_path, study_id="43"):
+    """Sagittal T2 (384 x 384 at 0.7 mm) and an Axial T2 stack through L3/L4 (96 x 96 at 0.8 mm), the
+    midline T2 slice and the middle axial slice written at half their series' matrix over the same
+    field -> (study dir, spine, axial slice centre, {"t2"/"axial": the halved file's dataset})."""
+    spine = factory.Spine(l5s1=(0.0, -40.0), x_mid=1.0)
+    t2 = factory.spine_series(
+        spine,
+        n_slices=11,
+        slice_spacing=4.0,
+        rows=384,
+        cols=384,
+        pixel_spacing=(0.7, 0.7),
+        center=(0.0, 0.0, 20.0),
+        seed=11,
+    )
+    axial_centre = spine.canal_points()[2] + np.array([0.0, 5.0, 0.0])
+    ax = factory.SeriesSpec(
+        AXIAL_T2,
+        n_slices=5,
+        rows=96,
+        cols=96,
+        pixel_spacing=(0.8, 0.8),
+        slice_spacing=4.0,
+        iop=factory.AXIAL_IOP,
+        center=tuple(axial_centre),
+        seed=12,
+    )
+    study_dir = factory.write_study(tmp_path, study_id, {"11": t2, "13": ax})
+    midline = int(np.argmin([abs(p[0] - spine.x_mid) for p in factory.slice_positions(t2)]))
+    halved = {
+        "t2": factory.halve_matrix(study_dir / "11" / f"{midline + 1}.dcm"),  # instance = slice k + 1
+        "axial": factory.halve_matrix(study_dir / "13" / "3.dcm"),  # the middle slice
+    }
+    return study_dir, spine, axial_centre, halved
+
+
+def test_labels_on_a_resampled_slice_land_where_the_file_puts_them(tmp_path):
+    """Canal points clicked on a half-size midline T2 file and a subarticular point on a half-size
+    axial file (coordinates in those files' own pixels): the view targets and the measured channel
+    offset are those of the true points (the resampled header's pixels would put them ~2x out)."""
+    from dataclasses import replace
+
+    from lumbar_tf.core.config import ViewSpec
+    from lumbar_tf.data.slice_offsets import study_offsets
+
+    study_dir, spine, axial_centre, halved = _study_with_halved_slices(tmp_path)
+    canal = spine.canal_points()
+    t2_ds, ax_ds = halved["t2"], halved["axial"]
+    rows = [
+        ["43", "11", int(t2_ds.InstanceNumber), "Spinal Canal Stenosis", level, *factory.file_px(t2_ds, p)]
+        for level, p in zip(factory.LEVEL_NAMES[:4], canal[:4])
+    ]
+    recess = axial_centre + np.array([9.0, 0.0, 0.0])  # 9 mm left of the canal, in the slice's plane
+    recess_xy = factory.file_px(ax_ds, recess)
+    rows.append(["43", "13", int(ax_ds.InstanceNumber), "Left Subarticular Stenosis", "L5/S1", *recess_xy])
+    record = prepare_study(tmp_path, _labels("43", rows), "43", {}, CFG)
+    assert any("resampled 1 slice(s) of 192x192" in w for w in record["warnings"])
+    assert any("resampled 1 slice(s) of 48x48" in w for w in record["warnings"])
+    study = read_study(study_dir)
+    grid = build_views(study, CFG)[1]
+    # L5/S1 has no canal point: its target is the subarticular point projected on the sagittal plane.
+    truth = grid.to_normalized(grid.patient_yz_to_view_px(np.vstack([canal[:4], recess])[:, 1:]))
+    assert record["level_present"].tolist() == [1.0] * 5
+    assert np.abs(record["level_xy"] - truth).max() * CFG.view_size < 0.1  # view pixels
+    axial_series = study.series[AXIAL_T2]
+    header = axial_series.slices[axial_series.index_of_instance(int(ax_ds.InstanceNumber))]
+    assert header.file_shape == (48, 48) and (header.rows, header.cols) == (96, 96)
+    # The recess channel's offset is measured from the true point too.
+    cfg = replace(CFG, views=[ViewSpec(offsets="labels")])
+    _, offsets, error = study_offsets((tmp_path, _labels("43", rows), "43", {}, cfg))
+    assert error is None
+    midline = find_spine(study.series[SAGITTAL_T2], cfg).midline_xyz
+    expected = (recess - midline) @ study.series[SAGITTAL_T2].normal
+    assert offsets["sag_t2"]["left"] == [pytest.approx(expected, abs=0.01)]
+
+
+class _PerfectAxialLocaliser(_PerfectLocaliser):
+    """`_PerfectLocaliser` for a config with an axial view (two calls: localise, then grade)."""
+
+    def localize_views(self, views):
+        return self.predict_views(views)["level_xy"]
+
+    def predict_views(self, views, axial=None):
+        return super().predict_views(views)
+
+
+def test_predicted_pixels_on_a_resampled_slice_are_the_files_own(tmp_path):
+    """predictions.json's level and axial pixels on half-size files, mapped through those files' own
+    headers, are the true points (the midline slice and the axial slice were resampled on reading)."""
+    from dataclasses import replace
+
+    from lumbar_tf.core.config import AxialSpec
+    from lumbar_tf.report.heatmaps import midline_image
+
+    study_dir, spine, _, halved = _study_with_halved_slices(tmp_path, "44")
+    cfg = replace(CFG, axial=AxialSpec())
+    study = read_study(study_dir)
+    predictor = _PerfectAxialLocaliser(cfg, spine.canal_points())
+    predictor.grid = build_views(study, cfg)[1]
+    result = predict_study(predictor, study_dir, study=study)
+    preds = result.predictions
+    t2_ds, ax_ds = halved["t2"], halved["axial"]
+    assert midline_image(result).shape == (t2_ds.Rows, t2_ds.Columns)  # the overlay's pixels: the file's
+    assert {lv["instance_number"] for lv in preds["levels"]} == {int(t2_ds.InstanceNumber)}
+    xy = np.array([[lv["x"], lv["y"]] for lv in preds["levels"]])
+    assert np.all((xy >= 0) & (xy < t2_ds.Rows))  # on the 192 x 192 file, not the 384 x 384 resampled
+    assert np.abs(factory.file_px_to_patient(t2_ds, xy)[:, 1:] - spine.canal_points()[:, 1:]).max() < 0.05
+    on_halved = [
+        e for e in preds["axial"] if e["covered"] and e["instance_number"] == int(ax_ds.InstanceNumber)
+    ]
+    assert [e["level"] for e in on_halved] == ["l3_l4"]
+    entry = on_halved[0]
+    point = factory.file_px_to_patient(ax_ds, [entry["x"], entry["y"]])
+    truth = spine.canal_points()[2]
+    truth[0] = float(t2_ds.ImagePositionPatient[0])  # the level point lies on the midline slice
+    assert np.abs(point[:2] - truth[:2]).max() < 0.5
 
 
 def test_bad_series_are_skipped_with_a_warning_or_fail_in_one_line(tmp_path):
