@@ -1035,6 +1035,7 @@ def _resampled_header(h: SliceHeader, usual: list[SliceHeader]) -> SliceHeader |
         rows=ref.rows,
         cols=ref.cols,
         native=h.native,
+        jpeg=h.jpeg,  # keeps the fast decode; it checks the frame against file_shape
         file_shape=(h.rows, h.cols),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -290,3 +291,26 @@ def test_every_jpeg_truncation_is_left_to_pydicom(tmp_path):
     for cut in [*range(pixel - 40, pixel + 40, 3), *range(pixel + 40, len(data), 401), len(data) - 1]:
         cut_file.write_bytes(data[:cut])
         assert scan_header(cut_file) is None, cut
+
+
+def test_a_resampled_jpeg_lossless_slice_keeps_the_fast_decode(tmp_path, monkeypatch):
+    """A JPEG Lossless slice of another size over the same field is resampled from libjpeg-turbo's
+    values, as pydicom's would be resampled."""
+    pytest.importorskip("imagecodecs", reason="imagecodecs encodes JPEG Lossless SV1")
+    paths, _ = factory.write_series(tmp_path / "77" / "1", factory.SeriesSpec(n_slices=4))
+    factory.halve_matrix(paths[2])
+    factory.rewrite(paths[2], paths[2], "jpeg_lossless")
+    (series,) = dicom.read_series(tmp_path / "77" / "1")
+    slices = series.slices
+    (odd,) = [h for h in slices if h.file_shape is not None]
+    assert (
+        odd.path == paths[2]
+        and odd.jpeg is not None
+        and (odd.rows, odd.cols) == (slices[0].rows, slices[0].cols)
+    )
+    with monkeypatch.context() as patch:  # the fast path decodes without pydicom
+        patch.setattr(dicom.pydicom, "dcmread", None)
+        fast_values, _ = decode_stored(odd)
+    slow_values, _ = decode_stored(dataclasses.replace(odd, jpeg=None))
+    assert fast_values.shape == (odd.rows, odd.cols)
+    np.testing.assert_array_equal(fast_values, slow_values)
