@@ -172,6 +172,13 @@ class JpegPixels:
     modality: ModalityMap
 
 
+def _rescale_px(xy, from_shape: tuple[int, int], to_shape: tuple[int, int]) -> np.ndarray:
+    """(column, row) ``[..., 2]`` on a ``from_shape`` (rows, cols) matrix -> on a ``to_shape`` matrix over
+    the same field (pixel centres: the corner of pixel (0, 0) stays where it is)."""
+    scale = np.array([to_shape[1] / from_shape[1], to_shape[0] / from_shape[0]])
+    return (np.asarray(xy, dtype=np.float64) + 0.5) * scale - 0.5
+
+
 @dataclass
 class SliceHeader:
     """Geometry of one instance, read without its pixels."""
@@ -203,20 +210,16 @@ class SliceHeader:
     def file_px_to_px(self, xy) -> np.ndarray:
         """(column, row) in the file's own matrix ``[..., 2]`` (label coordinates) -> in this header's
         (they differ only for a resampled slice, `file_shape`)."""
-        xy = np.asarray(xy, dtype=np.float64)
         if self.file_shape is None:
-            return xy
-        scale = np.array([self.cols / self.file_shape[1], self.rows / self.file_shape[0]])
-        return (xy + 0.5) * scale - 0.5
+            return np.asarray(xy, dtype=np.float64)
+        return _rescale_px(xy, self.file_shape, (self.rows, self.cols))
 
     def px_to_file_px(self, xy) -> np.ndarray:
         """(column, row) in this header's matrix ``[..., 2]`` -> in the file's own (the inverse of
         `file_px_to_px`): what outputs that name the file's pixels (predictions.json) report."""
-        xy = np.asarray(xy, dtype=np.float64)
         if self.file_shape is None:
-            return xy
-        scale = np.array([self.file_shape[1] / self.cols, self.file_shape[0] / self.rows])
-        return (xy + 0.5) * scale - 0.5
+            return np.asarray(xy, dtype=np.float64)
+        return _rescale_px(xy, (self.rows, self.cols), self.file_shape)
 
     def pixel_to_patient(self, xy) -> np.ndarray:
         """(column, row) pixel coordinates ``[..., 2]`` -> LPS mm ``[..., 3]``."""
