@@ -24,8 +24,12 @@ of the stack, then field area, then slice count; ties: the first in series-id or
 a series whose slices do not lie in the plane its description names, or with a single slice. Within a
 series, a slice of another size than most is resampled onto the series' matrix where it covers the same
 field (`_resampled_header`; its geometry stays exact), else dropped; slices at a duplicated position are
-dropped (warned).
-Warnings name series ids only (never paths or header text): they end up in predictions.json.
+dropped (warned). A file whose header is refused (corrupt, over a `ReadLimits` limit, degenerate
+geometry) is dropped from its series with a warning naming it, and each series records what reading
+it cost as `Series.issues` codes (`SERIES_ISSUES`), which flag the cells it feeds in predictions.json;
+only a study with no readable file at all is refused, naming its first bad file.
+Warnings name series ids and files relative to the study folder (never header text): they end up in
+predictions.json.
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ PLANES = ("sagittal", "coronal", "axial")  # by the dominant axis of the slice n
 # Files in a study that are considered DICOM instances (others, hidden files and DICOMDIR are
 # ignored): RSNA uses .dcm; many exports have no suffix.
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
+
+# What reading a series cost (`Series.issues`); predictions.json flags the cells a series feeds with them.
+SERIES_ISSUES = {
+    "files_dropped": "a file of the series could not be read and was left out",
+    "duplicates_dropped": "slices at a duplicated position were left out",
+    "slices_dropped": "slices of another matrix and field were left out",
+    "slices_resampled": "slices of another matrix were resampled onto the series' matrix",
+}
+MAX_NAMED_DROPS = 3  # unreadable files named in one warning; the rest are counted
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float / Double Float Pixel Data
 _ITEM, _SEQ_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
@@ -248,6 +261,7 @@ class Series:
     normal: np.ndarray
     dicom_description: str = ""  # SeriesDescription as written in the files
     warnings: list[str] = field(default_factory=list)  # what reading it dropped (odd sizes, duplicates)
+    issues: set[str] = field(default_factory=set)  # the same as `SERIES_ISSUES` codes
     # Slices decoded while `keeping_decoded` is active, by index (read-only arrays).
     _kept: dict | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -342,6 +356,8 @@ class Study:
     series: dict[str, Series]
     extra: list[Series] = field(default_factory=list)  # unassigned or duplicate series
     warnings: list[str] = field(default_factory=list)
+    # Canonical descriptions claimed (in the CSV or the header text) by a series set aside as unusable.
+    set_aside: set[str] = field(default_factory=set)
 
     def series_by_description(self, desc: str) -> Series | None:
         if desc in self.series:
@@ -952,6 +968,7 @@ def _build_series(series_id: str, headers: list[SliceHeader], dicom_description:
     lower instance number is kept. Each is warned.
     """
     notes: list[str] = []
+    issues: set[str] = set()
     sizes = {(h.rows, h.cols) for h in headers}
     if len(sizes) > 1:
         counts = {s: sum((h.rows, h.cols) == s for h in headers) for s in sizes}
@@ -972,6 +989,7 @@ def _build_series(series_id: str, headers: list[SliceHeader], dicom_description:
             ("dropped", odd, ""),
         ):
             if group:
+                issues.add(f"slices_{verb}")
                 shapes = ", ".join(sorted({f"{h.rows}x{h.cols}" for h in group}))
                 notes.append(
                     f"series {series_id}: {verb} {len(group)} slice(s) of {shapes} "
@@ -990,6 +1008,7 @@ def _build_series(series_id: str, headers: list[SliceHeader], dicom_description:
     ordered = [headers[i] for i in order]
     kept = _drop_duplicate_positions(ordered)
     if len(kept) < len(ordered):
+        issues.add("duplicates_dropped")
         notes.append(
             f"series {series_id}: dropped {len(ordered) - len(kept)} slice(s) at duplicated positions"
         )
@@ -1000,6 +1019,7 @@ def _build_series(series_id: str, headers: list[SliceHeader], dicom_description:
         normal=normal,
         dicom_description=dicom_description,
         warnings=notes,
+        issues=issues,
     )
 
 
@@ -1059,18 +1079,29 @@ def read_series(
     *,
     root: Path | None = None,
     warn: list[str] | None = None,
+    refused: list[DicomError] | None = None,
 ) -> list[Series]:
     """Read the headers in one folder -> one Series per SeriesInstanceUID found there.
 
     ``root``: the study folder (links leaving it are not followed; default ``folder``);
     ``warn``: where warnings go (links not followed); default: Python warnings. Slices dropped
     while building a series (duplicated positions, another size) are in ``Series.warnings``.
+    A file whose header is refused is left out of its series (warned there, ``files_dropped``);
+    the refusals are appended to ``refused`` (`read_study` names the first when nothing was readable).
     """
     folder = Path(folder)
+    root_dir = Path(root) if root is not None else folder
     groups: dict[str, list[tuple[SliceHeader, pydicom.Dataset]]] = {}
+    bad: list[DicomError] = []
     for path in _candidate_files(folder, root, warn):
-        header, ds = read_instance_header(path)
+        try:
+            header, ds = read_instance_header(path)
+        except DicomError as exc:
+            bad.append(exc)
+            continue
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((header, ds))
+    if refused is not None:
+        refused.extend(bad)
     out = []
     for uid, items in groups.items():
         ds0 = items[0][1]
@@ -1080,8 +1111,26 @@ def read_series(
             sid = str(ds0.get("SeriesNumber", "") or uid or folder.name)
         series = _build_series(sid, [h for h, _ in items], str(ds0.get("SeriesDescription", "")))
         series.description = infer_description(series.dicom_description, series.plane, ds0) or ""
+        if bad:  # a folder is one series in every layout we read; its bad files are that series'
+            series.issues.add("files_dropped")
+            series.warnings.insert(0, f"series {sid}: {_dropped_files(bad, root_dir)}")
         out.append(series)
+    if bad and not out:
+        dropped = _dropped_files(bad, root_dir)
+        _warn(warn, f"series folder {folder.name}: no readable file, {dropped}; skipped")
     return out
+
+
+def _dropped_files(bad: list[DicomError], root: Path) -> str:
+    """ "dropped unreadable file 12/3.dcm (reason)[, ... and N more]": files relative to the study folder."""
+    named = []
+    for exc in bad[:MAX_NAMED_DROPS]:
+        path = Path(exc.path)
+        with contextlib.suppress(ValueError):
+            path = path.relative_to(root)
+        named.append(f"{path.as_posix()} ({exc.reason})")
+    more = f" and {len(bad) - MAX_NAMED_DROPS} more" if len(bad) > MAX_NAMED_DROPS else ""
+    return f"dropped unreadable file{'s' if len(bad) > 1 else ''} {', '.join(named)}{more}"
 
 
 def read_study(
@@ -1114,6 +1163,7 @@ def read_study(
     preferred = {str(p) for p in prefer or ()}
     found: list[Series] = []
     warn: list[str] = []
+    refused: list[DicomError] = []
     folders = [study_dir] + _series_folders(study_dir, warn)
     n_files = sum(len(_candidate_files(p, study_dir, [])) for p in folders)
     if n_files > _limits.max_files_per_study:
@@ -1123,28 +1173,36 @@ def read_study(
         known = descriptions.get(folder.name)
         if wanted is not None and folder != study_dir and known is not None and known not in wanted:
             continue
+        before = len(refused)
         series_list = read_series(
-            folder, None if folder == study_dir else folder.name, root=study_dir, warn=warn
+            folder, None if folder == study_dir else folder.name, root=study_dir, warn=warn, refused=refused
         )
-        if not series_list and folder != study_dir:
+        if not series_list and folder != study_dir and len(refused) == before:
             warn.append(f"series folder {folder.name}: no DICOM files; ignored")
         found.extend(series_list)
+    if not found and refused:
+        first = refused[0]
+        more = f" (and {len(refused) - 1} more unreadable file(s))" if len(refused) > 1 else ""
+        raise DicomError(first.path, f"{first.reason}{more}")
     if not found:
         raise DicomError(study_dir, "empty study folder (no DICOM files)")
     study = Study(study_id=study_dir.name, path=study_dir, series={}, warnings=warn)
     candidates: dict[str, list[Series]] = {}
     for series in found:
         study.warnings.extend(series.warnings)
+        claimed = series.description
         if series.series_id in descriptions:
-            series.description = descriptions[series.series_id]
+            series.description = claimed = descriptions[series.series_id]
         elif (named := _text_plane(series.dicom_description)) not in (None, series.plane):
             # The header text names another plane than the slices lie in: typed by orientation.
+            claimed = infer_description(series.dicom_description, named) or ""
             study.warnings.append(
                 f"series {series.series_id}: SeriesDescription names a {named} series but its slices "
                 f"are {series.plane}; typed as {series.description or 'unknown'!r}"
             )
         reason = _unusable(series)
         if reason is not None:
+            study.set_aside.update(d for d in CANONICAL_DESCRIPTIONS if _norm_text(d) == _norm_text(claimed))
             study.extra.append(series)
             study.warnings.append(f"series {series.series_id} {reason}; skipped")
             continue
@@ -1238,6 +1296,7 @@ __all__ = [
     "DicomError",
     "SAGITTAL_T1",
     "SAGITTAL_T2",
+    "SERIES_ISSUES",
     "Series",
     "SliceHeader",
     "Study",

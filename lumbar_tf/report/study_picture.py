@@ -3,6 +3,7 @@ the grades the study carries (`lumbar-tf picture`). Shows no header fields, so i
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ def save_study_picture(data_dir, study_id: str, out_path) -> Path:
     index = read_index(data_dir)
     sid = check_study_id(study_id, str(data_dir))
     study = read_study(index.images_dir / sid, index.descriptions.get(sid))
+    for warning in study.warnings:  # e.g. a file dropped as unreadable: the picture lacks it
+        print(f"warning: study {sid}: {warning}", file=sys.stderr)
     panels = []
     for desc, offset, title in (
         ("Sagittal T2/STIR", 0.0, "Sagittal T2/STIR, midline"),

@@ -17,6 +17,7 @@ from lumbar_tf import preprocess
 from lumbar_tf.core import labels
 from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.core.io import write_csv_atomic, write_json_atomic
+from lumbar_tf.dicom.reader import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_ISSUES
 from lumbar_tf.runtime.quality import warnings_for as quality_warnings
 
 SUBMISSION_HEADER = ("row_id", *labels.SUBMISSION_COLUMNS)
@@ -27,6 +28,67 @@ RSNA_ONLY_WARNING = (
     "the model was trained on RSNA labels only: mild is not distinguishable from none; presence is "
     "P(>= moderate) and grades are normal_mild/moderate/severe"
 )
+
+
+# The series each condition is read on (RSNA 2024: its coordinates are on that series). A cell is
+# flagged by that series' view and by the localiser's view (the first), which places every level.
+CONDITION_SERIES = {
+    "spinal_canal_stenosis": SAGITTAL_T2,
+    "left_neural_foraminal_narrowing": SAGITTAL_T1,
+    "right_neural_foraminal_narrowing": SAGITTAL_T1,
+    "left_subarticular_stenosis": AXIAL_T2,
+    "right_subarticular_stenosis": AXIAL_T2,
+}
+# A cell's "flags" are "<view>: <code>": what reading the input cost the views the cell was read from.
+FLAG_CODES = {
+    **SERIES_ISSUES,
+    "series_set_aside": "the series of this description was set aside as unusable (see the warnings)",
+    "series_missing": "no series of this description; the view is zeros or another series stands in",
+    "not_covered": "the axial series does not cover this level; graded from the sagittal views only",
+}
+
+
+def view_flags(study, cfg, series_ids: dict) -> dict[str, list[str]]:
+    """View name -> `FLAG_CODES` of what reading its input cost, for views ``series_ids`` names
+    (view -> series id used, None where none was; predictions.json's "series")."""
+    by_id = {s.series_id: s for s in [*study.series.values(), *study.extra]}
+    described = {spec.name: spec.series_description for spec in cfg.views}
+    if cfg.axial is not None:
+        described[cfg.axial.name] = AXIAL_T2
+    out = {}
+    for view, sid in series_ids.items():
+        desc = described.get(view)
+        series = by_id.get(sid) if sid is not None else None
+        codes = sorted(series.issues) if series is not None else []
+        if desc is not None and study.series_by_description(desc) is None:
+            codes.append("series_set_aside" if desc in study.set_aside else "series_missing")
+        out[view] = codes
+    return out
+
+
+def cell_flags(flags_by_view: dict[str, list[str]], cfg, uncovered_levels=()) -> dict[tuple, list[str]]:
+    """(condition, level) -> ``["<view>: <code>", ...]`` from `view_flags`; ``uncovered_levels``: the
+    levels the axial series does not cover (their subarticular cells get ``not_covered``)."""
+    views_of = {
+        desc: [spec.name for spec in cfg.views if spec.series_description == desc]
+        for desc in set(CONDITION_SERIES.values())
+    }
+    if cfg.axial is not None:
+        views_of[AXIAL_T2] = [cfg.axial.name]
+    # Without an axial series at all its view's own flag says so; no per-level flag on top.
+    absent = cfg.axial is None or bool(
+        {"series_missing", "series_set_aside"} & set(flags_by_view.get(cfg.axial.name, []))
+    )
+    uncovered = set() if absent else set(uncovered_levels)
+    out = {}
+    for condition in labels.CONDITIONS:
+        views = list(dict.fromkeys([cfg.views[0].name, *views_of.get(CONDITION_SERIES[condition], [])]))
+        flags = [f"{v}: {code}" for v in views for code in flags_by_view.get(v, [])]
+        axial_read = CONDITION_SERIES[condition] == AXIAL_T2
+        for level in labels.LEVELS:
+            extra = [f"{cfg.axial.name}: not_covered"] if axial_read and level in uncovered else []
+            out[condition, level] = flags + extra
+    return out
 
 
 def _as_threshold_probs(threshold_probs) -> np.ndarray:
@@ -88,6 +150,7 @@ def build_predictions(
     label_semantics: dict | None = None,
     series: dict | None = None,
     quality: dict | None = None,
+    flags: dict | None = None,
 ) -> dict:
     """One study's `predictions.json` dict (DESIGN.md output contract).
 
@@ -108,6 +171,7 @@ def build_predictions(
         series: view name -> series id it was built from (None: a zero view); written as "series".
         quality: `runtime.quality.assess` of the input, written as "quality"; when
             implausible, a warning line says so.
+        flags: (condition, level) -> flag strings (`cell_flags`), written as each cell's "flags".
     """
     if label_semantics is None:
         label_semantics = {"fine_grades": bool(fine_grades), "known_thresholds": list(labels.THRESHOLDS)}
@@ -149,6 +213,7 @@ def build_predictions(
                     "rsna": {
                         name: float(rsna[ci, li, k]) for k, name in enumerate(labels.SUBMISSION_COLUMNS)
                     },
+                    "flags": [str(f) for f in (flags or {}).get((condition, level), [])],
                 }
             )
     levels = []

@@ -214,6 +214,8 @@ def study_result(
     axial_entries = None
     if cfg.axial is not None:
         axial_entries, series[cfg.axial.name] = _axial_entries(study, axial[0], warnings)
+    uncovered = [e["level"] for e in axial_entries or () if not e["covered"]]
+    flags = predictions.cell_flags(predictions.view_flags(study, cfg, series), cfg, uncovered)
     qc = quality.assess(
         level_xy,
         grid.spine_crop_mm,
@@ -230,6 +232,7 @@ def study_result(
         label_semantics=getattr(predictor, "label_semantics", None),
         series=series,
         quality=qc,
+        flags=flags,
     )
     if axial_entries is not None:
         preds["axial"] = axial_entries

@@ -165,6 +165,9 @@ def test_predict_study_localises_projects_and_grades(axial_model_file, phantom_d
     assert no_axial.predictions["series"]["ax_t2"] is None
     assert sum("no axial coverage" in w for w in no_axial.predictions["warnings"]) == labels.N_LEVELS
     assert np.allclose(no_axial.threshold_probs, zeros["threshold_probs"][0], atol=1e-5)
+    for cell in no_axial.predictions["cells"]:  # flagged where the axial view was to be read
+        assert ("ax_t2: series_missing" in cell["flags"]) == ("subarticular" in cell["condition"]), cell
+        assert "ax_t2: not_covered" not in cell["flags"]  # the series' own flag says it
 
 
 def test_tablet_modules_still_import_no_tensorflow():

@@ -62,15 +62,9 @@ def test_picture_of_a_study(phantom_dir, tmp_path):
 
 
 # (A slice of another size is no bad file: it is dropped with a warning, tests/preprocess/test_views.py.)
-@pytest.mark.parametrize("damage", ["truncated", "not_dicom", "no_pixels"])
-def test_single_study_command_reports_bad_file_in_one_line(phantom_dir, tmp_path, damage):
+def _damage(victim, damage):
     import pydicom
 
-    data = tmp_path / "data"
-    shutil.copytree(phantom_dir, data)
-    sid = read_index(data).study_ids[0]
-    series = sorted((data / "train_images" / sid).iterdir())[0]
-    victim = sorted(series.glob("*.dcm"))[0]
     if damage == "truncated":
         victim.write_bytes(victim.read_bytes()[:400])
     elif damage == "not_dicom":
@@ -79,8 +73,35 @@ def test_single_study_command_reports_bad_file_in_one_line(phantom_dir, tmp_path
         ds = pydicom.dcmread(victim)
         del ds.PixelData
         ds.save_as(victim)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_dicom", "no_pixels"])
+def test_one_bad_file_costs_that_file_not_the_study(phantom_dir, tmp_path, damage):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    sid = read_index(data).study_ids[0]
+    series = sorted((data / "train_images" / sid).iterdir())[0]
+    victim = sorted(series.glob("*.dcm"))[0]
+    _damage(victim, damage)
     code, _, err = run_cli("picture", "--data", data, "--study-id", sid, "--out", tmp_path / "p.png")
-    assert_one_line_error(code, err, str(series))
+    assert code == 0, err
+    assert "Traceback" not in err
+    (line,) = [w for w in err.splitlines() if "unreadable" in w]
+    assert line.startswith(f"warning: study {sid}: series {series.name}: dropped unreadable file ")
+    assert f"{series.name}/{victim.name} (" in line
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_of_only_bad_files_is_refused_in_one_line(phantom_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    sid = read_index(data).study_ids[0]
+    files = sorted((data / "train_images" / sid).glob("*/*.dcm"))
+    for victim in files:
+        _damage(victim, "not_dicom")
+    code, _, err = run_cli("picture", "--data", data, "--study-id", sid, "--out", tmp_path / "p.png")
+    assert_one_line_error(code, err, f"{files[0]}: not a DICOM file")
+    assert f"(and {len(files) - 1} more unreadable file(s))" in err
     assert not (tmp_path / "p.png").exists()
 
 

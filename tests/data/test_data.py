@@ -90,10 +90,15 @@ def _damage(root, index):
         if r["series_description"] == "Sagittal T2/STIR"
     }
     series_of = {sid: [images / sid / sag_t2[sid]] for sid in ids}
-    # 0: truncated DICOM
-    victim = sorted(series_of[ids[0]][0].glob("*.dcm"))[0]
-    victim.write_bytes(victim.read_bytes()[:300])
-    # 1: a non-DICOM file among the slices
+    # 0: every sagittal file truncated (one bad file costs only that file: 1)
+    sagittal = {
+        r["series_id"]
+        for r in _read(root / "train_series_descriptions.csv")
+        if r["study_id"] == ids[0] and r["series_description"].startswith("Sagittal")
+    }
+    for victim in sorted(p for sid in sagittal for p in (images / ids[0] / sid).glob("*.dcm")):
+        victim.write_bytes(victim.read_bytes()[:300])
+    # 1: a non-DICOM file among the slices: dropped with a warning, the study prepared
     (series_of[ids[1]][0] / "99999.dcm").write_text("not a dicom file")
     # 2: a missing series (drop every sagittal T1)
     sag_t1 = {
@@ -142,15 +147,18 @@ def test_bad_studies_are_skipped_and_reported(phantom_dir, tiny_config, tmp_path
     ids = _damage(root, read_index(root))
     manifest = prepare_cache(root, tmp_path / "cache", tiny_config.preprocess, progress=False)
     skipped = manifest["skipped"]
-    assert set(ids[:2] + ids[3:5]) <= set(skipped)
-    assert set(manifest["study_ids"]) == {ids[2], *ids[5:]}
+    assert {ids[0], *ids[3:5]} <= set(skipped)
+    assert set(manifest["study_ids"]) == {ids[1], ids[2], *ids[5:]}
     assert "Sever" in skipped[ids[3]] and "Spinal Stenosis Of Doom" in skipped[ids[4]]
     # A missing series degrades the study (zero view, warning), as at inference; it is not skipped.
     assert "no 'Sagittal T1' series; view sag_t1 is zeros" in manifest["warnings"][ids[2]]
+    # So does a bad file among good ones: it is left out, named relative to the study.
+    bad_file = "/99999.dcm (not a DICOM file"
+    assert any(bad_file in w for w in manifest["warnings"][ids[1]]), manifest["warnings"][ids[1]]
     assert "12ab" in skipped and "../../etc" in skipped
     assert "not a plain integer" in skipped["../../etc"]
-    for sid in ids[:2]:
-        assert str(root / "train_images" / sid) in skipped[sid]
+    assert str(root / "train_images" / ids[0]) in skipped[ids[0]]
+    assert "more unreadable file(s)" in skipped[ids[0]]
     with open(tmp_path / "cache" / "skipped_studies.csv") as handle:
         reported = {r["study_id"]: r["reason"] for r in csv.DictReader(handle)}
     assert reported == skipped

@@ -239,17 +239,27 @@ def test_prepare_cli_goes_on_past_bombs_and_links(phantom_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     reported = _skipped_csv(cache)
-    assert reported[ids[0]] == f"{bomb}: deflated data set inflates past the 128.0 MiB limit"
-    assert reported[ids[1]] == f"{frames}: bad NumberOfFrames value '2.5' (expected an integer)"
     assert (
         reported[linked]
         == f"{images / linked}: study folder is a link that leaves the images folder; refused"
     )
-    assert json.loads((cache / "manifest.json").read_text())["study_ids"] == [ids[3]]
-    assert f"cached 1 studies in {cache}" in proc.stdout
-    named = dict(bomb=bomb, file=frames, study=images / linked)
-    listed = ", ".join(f"`{shape(reported[sid], **named)}`" for sid in (ids[0], ids[1], linked))
+    assert ids[0] not in reported and ids[1] not in reported
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert sorted(manifest["study_ids"]) == sorted([ids[0], ids[1], ids[3]])
+    assert f"cached 3 studies in {cache}" in proc.stdout
+    # The bomb and the bad frame count cost their file, not their study: named in its warnings.
+    dropped = {}
+    for sid, path, reason in (
+        (ids[0], bomb, "deflated data set inflates past the 128.0 MiB limit"),
+        (ids[1], frames, "bad NumberOfFrames value '2.5' (expected an integer)"),
+    ):
+        line = f"series {path.parent.name}: dropped unreadable file {path.parent.name}/{path.name} ({reason})"
+        assert line in manifest["warnings"][sid], manifest["warnings"][sid]
+        dropped[sid] = f"series <series>: dropped unreadable file <series>/{path.name} ({reason})"
+    listed = f"`{shape(reported[linked], study=images / linked)}`"
     record(
         "prepare-hostile",
-        f"exit {proc.returncode}, the intact study cached; listed in `skipped_studies.csv`: {listed}",
+        f"exit {proc.returncode}, the bomb's and the bad frame count's studies cached without that file "
+        f"(manifest warnings `{dropped[ids[0]]}`, `{dropped[ids[1]]}`), the intact study cached; "
+        f"listed in `skipped_studies.csv`: {listed}",
     )

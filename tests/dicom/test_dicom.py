@@ -228,11 +228,26 @@ def _expect(study_dir, path, reason):
     assert str(err) == f"{path}: {err.reason}"
 
 
+def _expect_dropped(study_dir, path, reason):
+    """One bad file among good ones costs that file (warned, named relative to the study), not the
+    study; the same file alone is refused in one line naming it."""
+    study = read_study(study_dir)
+    series = study.series[SAGITTAL_T2]
+    assert path not in [s.path for s in series.slices] and len(series.slices) == 3
+    assert series.issues == {"files_dropped"}
+    (warning,) = [w for w in study.warnings if "unreadable" in w]
+    assert warning.startswith(f"series 1: dropped unreadable file 1/{path.name} (") and reason in warning
+    for other in path.parent.iterdir():
+        if other != path:
+            other.unlink()
+    _expect(study_dir, path, reason)
+
+
 def test_truncated_file(tmp_path):
     study_dir, paths = _one_series(tmp_path)
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) - 100])
-    _expect(study_dir, paths[1], "truncated pixel data")
+    _expect_dropped(study_dir, paths[1], "truncated pixel data")
 
 
 def test_truncated_compressed_file(tmp_path):
@@ -240,7 +255,7 @@ def test_truncated_compressed_file(tmp_path):
     rewrite(paths[2], paths[2], "rle")
     data = paths[2].read_bytes()
     paths[2].write_bytes(data[: len(data) - 100])
-    _expect(study_dir, paths[2], "truncated pixel data")
+    _expect_dropped(study_dir, paths[2], "truncated pixel data")
 
 
 @pytest.mark.parametrize("syntax", ["explicit", "rle", "deflated"])
@@ -262,7 +277,7 @@ def test_any_truncation_is_a_dicom_error(tmp_path, syntax):
 def test_non_dicom_file(tmp_path):
     study_dir, paths = _one_series(tmp_path)
     paths[3].write_text("this is not DICOM\n" * 50)
-    _expect(study_dir, paths[3], "not a DICOM file")
+    _expect_dropped(study_dir, paths[3], "not a DICOM file")
 
 
 def test_instance_without_pixel_data(tmp_path):
@@ -270,7 +285,7 @@ def test_instance_without_pixel_data(tmp_path):
     ds = pydicom.dcmread(paths[0])
     del ds.PixelData
     ds.save_as(paths[0])
-    _expect(study_dir, paths[0], "no pixel data")
+    _expect_dropped(study_dir, paths[0], "no pixel data")
 
 
 def test_a_slice_of_another_size_is_dropped_with_a_warning(tmp_path):
@@ -293,7 +308,7 @@ def test_missing_geometry_tag(tmp_path, keyword):
     ds = pydicom.dcmread(paths[1])
     delattr(ds, keyword)
     ds.save_as(paths[1])
-    _expect(study_dir, paths[1], f"missing required tag {keyword}")
+    _expect_dropped(study_dir, paths[1], f"missing required tag {keyword}")
 
 
 def test_empty_and_missing_study_folder(tmp_path):

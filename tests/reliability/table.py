@@ -63,7 +63,7 @@ CASES = (
         "predict-bad-file",
         "1, 6, 8",
         "`predict --study` on a study holding one hostile file",
-        (_R + "test_predict_refuses_a_study_with_one_hostile_file",),
+        (_R + "test_predict_grades_a_study_past_one_hostile_file",),
         parts=("bomb", "giant", "frames", "spacing", "slope"),
     ),
     Case(

@@ -286,3 +286,24 @@ def test_heatmaps_hook_is_called_with_the_midline_slice(export_dir, study_dirs, 
     assert image.dtype == np.uint8 and image.ndim == 2 and image.max() > 0
     # the slice the level positions are on, in its own pixel grid
     assert image.shape[1] > max(lv["x"] for lv in preds["levels"]) >= 0
+
+
+def test_cell_flags_follow_the_series_each_condition_is_read_on():
+    from lumbar_tf.core.config import AxialSpec, PreprocessConfig
+    from lumbar_tf.runtime.predictions import cell_flags
+
+    cfg = PreprocessConfig(axial=AxialSpec())
+    by_view = {"sag_t2": [], "sag_t1": ["files_dropped"], "ax_t2": []}
+    flags = cell_flags(by_view, cfg, uncovered_levels=["l5_s1"])
+    assert flags["spinal_canal_stenosis", "l5_s1"] == []
+    assert flags["left_neural_foraminal_narrowing", "l1_l2"] == ["sag_t1: files_dropped"]
+    assert flags["right_subarticular_stenosis", "l5_s1"] == ["ax_t2: not_covered"]
+    assert flags["right_subarticular_stenosis", "l4_l5"] == []
+    # The localiser's view places every level: what it cost reaches every cell.
+    by_view["sag_t2"] = ["duplicates_dropped"]
+    flags = cell_flags(by_view, cfg)
+    assert all("sag_t2: duplicates_dropped" in f for f in flags.values())
+    assert flags["left_neural_foraminal_narrowing", "l1_l2"] == [
+        "sag_t2: duplicates_dropped",
+        "sag_t1: files_dropped",
+    ]
