@@ -15,7 +15,7 @@ import numpy as np
 from lumbar_tf.core import labels as L
 from lumbar_tf.core.contract import INTENDED_USE
 from lumbar_tf.core.io import write_json_atomic
-from lumbar_tf.data.dataset import DatasetError, load_manifest, load_studies, prepare_cache
+from lumbar_tf.data.dataset import SKIPPED, DatasetError, load_manifest, load_studies, prepare_cache
 from lumbar_tf.runtime.keras_model import load_model, run_prior
 from lumbar_tf.training.metrics import (
     bayes_optimal_threshold_probs,
@@ -80,6 +80,10 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     if limit is not None:
         metrics["bayes_limit"] = limit
     metrics["evaluated_on"] = which
+    # A study that could not be read is not evaluated, never silently: counted, and listed with its
+    # file and reason by `prepare_cache` (the same report as `prepare`).
+    skipped = manifest.get("skipped") or {}
+    metrics["skipped_studies"] = {"count": len(skipped), "listed_in": str(cache / SKIPPED)}
     metrics["prior_from"] = prior_source
     metrics["intended_use"] = INTENDED_USE
     from lumbar_tf.training.calibration import evaluate_calibration
@@ -256,8 +260,11 @@ def _training_curves(run: Path, out: Path) -> None:
 
 def format_metrics_table(metrics: dict) -> str:
     """A terminal table of the headline metrics."""
-    rows = [
-        ("studies", f"{metrics['n_studies']}"),
+    rows = [("studies", f"{metrics['n_studies']}")]
+    skipped = metrics.get("skipped_studies") or {}
+    if skipped.get("count"):
+        rows.append(("  skipped (unreadable)", f"{skipped['count']}, see {skipped['listed_in']}"))
+    rows += [
         ("macro ROC-AUC", _fmt(metrics["macro_roc_auc"])),
         ("mean average precision", _fmt(metrics["mean_average_precision"])),
         ("accuracy / balanced", f"{_fmt(metrics['accuracy'])} / {_fmt(metrics['balanced_accuracy'])}"),

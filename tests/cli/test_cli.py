@@ -9,6 +9,7 @@ import io
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,40 @@ def test_mismatching_weights_file_is_named(phantom_dir, phantom_cache, tmp_path)
 def test_grader_stage_needs_a_localizer(phantom_dir, phantom_cache, tmp_path):
     code, _, err = run_cli("train", "--data", phantom_dir, "--out", tmp_path / "run", "--stage", "grader")
     assert_one_line_error(code, err, "--stage localizer")
+
+
+def test_evaluate_goes_on_past_a_bad_study(tiny_run, phantom_dir, tmp_path):
+    """A study whose every file is unreadable is left out of `evaluate`, counted in its table and
+    metrics.json and listed with its file in skipped_studies.csv; the others are evaluated."""
+    import csv
+    import json
+
+    from tests.reliability.table import record, shape
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    index = read_index(data)
+    bad = index.study_ids[0]
+    files = sorted((data / "train_images" / bad).glob("*/*.dcm"))
+    for victim in files:
+        victim.write_text("not DICOM")
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli("evaluate", "--model", tiny_run, "--data", data, "--out", out)
+    assert code == 0, err
+    assert "Traceback" not in err
+    cache = out / "cache"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_studies"] == {"count": 1, "listed_in": str(cache / "skipped_studies.csv")}
+    assert metrics["n_studies"] == len(index.study_ids) - 1
+    (line,) = [row for row in stdout.splitlines() if "skipped (unreadable)" in row]
+    assert line.split() == ["skipped", "(unreadable)", "1,", "see", str(cache / "skipped_studies.csv")]
+    with open(cache / "skipped_studies.csv", newline="") as handle:
+        reasons = {r["study_id"]: r["reason"] for r in csv.DictReader(handle)}
+    named, _, reason = reasons[bad].partition(": ")
+    assert Path(named) in files and reason.startswith("not a DICOM file"), reasons  # its first file read
+    record(
+        "evaluate-bad-study",
+        f"exit {code}; the other {metrics['n_studies']} studies evaluated; the table says "
+        f"`skipped (unreadable)  1, see <cache>/skipped_studies.csv`, metrics.json `skipped_studies`; "
+        f"listed as `{shape(reasons[bad], file=named)}`",
+    )

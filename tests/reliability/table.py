@@ -117,6 +117,12 @@ CASES = (
         (_C + "test_every_study_skipped_still_writes_the_report_the_error_names",),
     ),
     Case(
+        "evaluate-bad-study",
+        "4",
+        "`evaluate` over a data folder holding a study whose every file is unreadable",
+        ("tests/cli/test_cli.py::test_evaluate_goes_on_past_a_bad_study",),
+    ),
+    Case(
         "prepare-unreadable",
         "4, 8",
         "`prepare` with one study folder unreadable (mode 000)",
