@@ -48,13 +48,19 @@ FLAG_CODES = {
 }
 
 
+def _view_descriptions(cfg) -> dict[str, str]:
+    """View name -> the series description it is built from (the axial view's is Axial T2)."""
+    described = {spec.name: spec.series_description for spec in cfg.views}
+    if cfg.axial is not None:
+        described[cfg.axial.name] = AXIAL_T2
+    return described
+
+
 def view_flags(study, cfg, series_ids: dict) -> dict[str, list[str]]:
     """View name -> `FLAG_CODES` of what reading its input cost, for views ``series_ids`` names
     (view -> series id used, None where none was; predictions.json's "series")."""
     by_id = {s.series_id: s for s in [*study.series.values(), *study.extra]}
-    described = {spec.name: spec.series_description for spec in cfg.views}
-    if cfg.axial is not None:
-        described[cfg.axial.name] = AXIAL_T2
+    described = _view_descriptions(cfg)
     out = {}
     for view, sid in series_ids.items():
         desc = described.get(view)
@@ -69,12 +75,9 @@ def view_flags(study, cfg, series_ids: dict) -> dict[str, list[str]]:
 def cell_flags(flags_by_view: dict[str, list[str]], cfg, uncovered_levels=()) -> dict[tuple, list[str]]:
     """(condition, level) -> ``["<view>: <code>", ...]`` from `view_flags`; ``uncovered_levels``: the
     levels the axial series does not cover (their subarticular cells get ``not_covered``)."""
-    views_of = {
-        desc: [spec.name for spec in cfg.views if spec.series_description == desc]
-        for desc in set(CONDITION_SERIES.values())
-    }
-    if cfg.axial is not None:
-        views_of[AXIAL_T2] = [cfg.axial.name]
+    views_of: dict[str, list[str]] = {}
+    for view, desc in _view_descriptions(cfg).items():
+        views_of.setdefault(desc, []).append(view)
     # Without an axial series at all its view's own flag says so; no per-level flag on top.
     absent = cfg.axial is None or bool(
         {"series_missing", "series_set_aside"} & set(flags_by_view.get(cfg.axial.name, []))
