@@ -338,24 +338,25 @@ def trace_column(strength: np.ndarray, valid_rows: np.ndarray, penalty: float = 
     if rows.size == 0:
         return path
     norm = strength / (np.percentile(strength[rows], 99) + 1e-6)
-    idx = np.arange(w)
     score = norm[rows[0]].copy()
-    back = np.zeros((rows.size, w), np.int64)
     # Per row, each column continues the best of its three neighbours above; ties go to the left
-    # one, then straight down, then the right one. Preallocated rows: this loop runs ~10 times a study.
+    # one, then straight down, then the right one. The choice is kept as two flags per column and
+    # read back along the path only; preallocated rows: this loop runs ~10 times a study.
+    from_left = np.zeros((rows.size, w), bool)
+    down = np.zeros((rows.size, w), bool)
     left, right = np.full(w, -np.inf, norm.dtype), np.full(w, -np.inf, norm.dtype)
+    best = np.empty(w, norm.dtype)
     for n, r in enumerate(rows[1:], start=1):
         np.subtract(score[:-1], penalty, out=left[1:])
         np.subtract(score[1:], penalty, out=right[:-1])
-        down = score >= right
-        best = np.maximum(score, right)
-        from_left = left >= best
-        back[n] = idx + np.where(from_left, -1, np.where(down, 0, 1))
-        score = np.where(from_left, left, best) + norm[r]
+        np.greater_equal(score, right, out=down[n])
+        np.maximum(score, right, out=best)
+        np.greater_equal(left, best, out=from_left[n])
+        score = np.where(from_left[n], left, best) + norm[r]
     col = int(np.argmax(score))
     for n in range(rows.size - 1, -1, -1):
         path[rows[n]] = col
-        col = back[n, col]
+        col = col - 1 if from_left[n, col] else col if down[n, col] else col + 1
     path[: rows[0]] = path[rows[0]]
     path[rows[-1] + 1 :] = path[rows[-1]]
     return path
@@ -561,21 +562,26 @@ def _sac_end_row(canal: _Canal) -> tuple[float, str]:
     w = int(round(SAC_WINDOW_MM / FINE_MM))
     reference = int(round(SAC_REFERENCE_MM / FINE_MM))
     skip = int(round(5.0 / FINE_MM))  # the sac tapers over a few mm: compare past the taper
-    for r in range(bottom - 3, top + w, -1):
-        above = float(np.interp(arc[r] - SAC_TAIL_MM, arc, np.arange(arc.size)))  # SAC_TAIL_MM up the canal
+    rows = np.arange(bottom - 3, top + w, -1)
+    # Per candidate row, at once: the row SAC_TAIL_MM up the canal and the median CSF signal of the
+    # w rows above (the same values the per-row calls gave; the loop below is the finder's costliest).
+    aboves = np.interp(arc[rows] - SAC_TAIL_MM, arc, np.arange(arc.size)) if rows.size else rows
+    ups = np.median(np.lib.stride_tricks.sliding_window_view(signal, w), axis=1) if rows.size else rows
+    for r, above in zip(rows.tolist(), aboves.tolist(), strict=True):
         if above < highest - SAC_BOUND_SLACK_MM / FINE_MM:
             break
-        up = float(np.median(signal[r - w : r]))
+        up = float(ups[r - w])
         after = signal[r + 1 : min(r + 1 + 3 * w, bottom + 1)]
         low = float(after[:w].min())
         if (
-            # CSF as bright as the canal above (relative: the bias field varies along the spine) ...
-            up >= SAC_BRIGHT * np.percentile(signal[max(top, r - reference) : r], 90)
-            # ... falling to SAC_STEP of it ...
-            and float(np.median(after[min(skip, after.size // 2) :][:w]))
+            # CSF falling to SAC_STEP of the level above it ...
+            float(np.median(after[min(skip, after.size // 2) :][:w]))
             <= (SAC_STEP if above >= highest else SAC_STRONG_STEP) * up
-            # ... for good: after a narrowing at a disc the CSF comes back.
+            # ... for good: after a narrowing at a disc the CSF comes back ...
             and float(after[w // 2 :].max(initial=low)) - low < 0.5 * (up - low)
+            # ... from CSF as bright as the canal above (relative: the bias field varies along the
+            # spine). Last because the costliest; the three tests are independent.
+            and up >= SAC_BRIGHT * np.percentile(signal[max(top, r - reference) : r], 90)
         ):
             return max(above, highest), "sac end"
     off_field = bottom - SAC_CUT_MM / FINE_MM
