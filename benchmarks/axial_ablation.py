@@ -1,6 +1,7 @@
 """Ablation: the grader with and without the axial view, same localiser, same budget, same held-out studies.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/axial_ablation.py --train 200 --holdout 50 --out /tmp/axial_abl
+    PYTHONPATH=. .venv/bin/python benchmarks/axial_ablation.py --train 200 --holdout 50 --out /tmp/axial_abl \
+        [--set KEY=VALUE ...]
 
 One cache of the training phantoms (prepared with the axial view), one localiser, then two graders
 fitted with the same stage settings, seed and crop jitter: one reads the sagittal crops only, the
@@ -133,7 +134,15 @@ def main() -> None:
     parser.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the runs under OUT/runs again, no training"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied after the ablation's own, e.g. preprocess.view_size=192 (repeatable)",
+    )
     args = parser.parse_args()
+    overrides = OVERRIDES + args.set
 
     from lumbar_tf.core.config import load_config
     from lumbar_tf.runtime.keras_model import KerasPredictor, run_prior
@@ -148,7 +157,7 @@ def main() -> None:
     t1 = time.time()
     axial_run = runs / "axial"
     if not args.evaluate_only:
-        train(train_dir, axial_run, overrides=OVERRIDES, cache_dir=cache, overwrite=True)
+        train(train_dir, axial_run, overrides=overrides, cache_dir=cache, overwrite=True)
     t_axial = time.time() - t1
     cfg = load_config(axial_run / "config.yaml")
     split = json.loads((axial_run / "split.json").read_text())
@@ -167,7 +176,7 @@ def main() -> None:
         "n_train": len(split["train"]),
         "n_val": len(split["val"]),
         "n_holdout": int(ev["grades"].shape[0]),
-        "overrides": OVERRIDES,
+        "overrides": overrides,
         "localizer_val_error_mm": finished["localizer_val_error_mm"],
         "grader_jitter_mm": finished["grader_jitter_mm"],
         "projection": ev["projection"],

@@ -722,7 +722,24 @@ def study_dataset(cache_dir: str | Path, cfg: PreprocessConfig, study_ids: Itera
     if study_ids is not None:
         keep = tf.constant(sorted(str(s) for s in study_ids))
         ds = ds.filter(lambda r: tf.reduce_any(tf.equal(keep, r["study_id"])))
-    return ds.cache()
+    return ds.cache().with_options(_without_autotune_thread())
+
+
+def _without_autotune_thread():
+    """tf.data options that every pipeline built on `study_dataset` inherits: autotuning off.
+
+    The autotuner gives each iterator a thread that re-tunes on a timer whose period doubles up to
+    seconds, and deleting the iterator waits for that thread's next wake-up. Keras drops a validation
+    iterator every epoch (the garbage collector frees it during the next epoch's steps), so on 2
+    cores the demo's grader sat idle for 2-3 s in a third to a half of its epochs
+    (benchmarks/train_epochs_results.md). Without autotuning the parallel stages run one call per
+    core and prefetch keeps its own buffer sizing, which these small pipelines need.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def load_studies(cache_dir, cfg: PreprocessConfig, study_ids=None) -> dict[str, np.ndarray]:

@@ -48,6 +48,19 @@ def test_pipeline_batch_shapes_and_masks(phantom_cache, tiny_config):
     assert np.all(targets <= mask)  # nothing is a positive where it is unknown
 
 
+def test_training_pipelines_run_without_the_autotune_thread(phantom_cache, tiny_config):
+    """An autotuned iterator makes its deletion wait for the tuner's timer: seconds of idle per epoch
+    (benchmarks/iterator_teardown.py); every pipeline Keras fits or validates on has it off."""
+    p = tiny_config.preprocess
+    ids = load_studies(phantom_cache, p)["study_id"]
+    for training in (True, False):
+        for ds in (
+            localizer_dataset(phantom_cache, p, ids, batch_size=4, training=training),
+            grader_dataset(phantom_cache, p, ids, batch_size=8, training=training),
+        ):
+            assert ds.options().autotune.enabled is False
+
+
 def test_grader_labels_follow_the_encoding(phantom_cache, tiny_config):
     p = tiny_config.preprocess
     studies = load_studies(phantom_cache, p)
