@@ -340,10 +340,10 @@ def _uncalibrated(loaded):
     return replace(loaded, model=rebuilt)
 
 
-def evaluate_calibration(loaded, views, threshold_probs, grades, out_dir) -> dict:
+def evaluate_calibration(loaded, views, threshold_probs, grades, out_dir, axial=None) -> dict:
     """What `lumbar-tf evaluate` reports: `calibration_report` of the evaluated predictions (and,
-    where the model is calibrated, of the same model without its calibration on the same ``views``)
-    and ``OUT/reliability.png``."""
+    where the model is calibrated, of the same model without its calibration on the same ``views``
+    and, for an axial model, ``axial`` crops) and ``OUT/reliability.png``."""
     from lumbar_tf.models.calibration import calibration_of
 
     try:
@@ -352,7 +352,7 @@ def evaluate_calibration(loaded, views, threshold_probs, grades, out_dir) -> dic
         calibration = None
     before = None
     if calibration is not None:
-        before = _uncalibrated(loaded).predict_views(views)["threshold_probs"]
+        before = _uncalibrated(loaded).predict_views(views, axial=axial)["threshold_probs"]
     save_reliability(Path(out_dir) / RELIABILITY_FILE, threshold_probs, grades, before)
     return calibration_report(threshold_probs, grades, before, calibration)
 

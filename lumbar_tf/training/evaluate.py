@@ -69,7 +69,8 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
         manifest = prepare_cache(data_dir, cache, cfg)
     ids, which = _studies_to_evaluate(split, same_data, manifest, split_fold)
     studies = load_studies(cache, cfg, ids)
-    outputs = loaded.predict_views(studies["views"])
+    axial = axial_crops_end_to_end(loaded, data_dir, studies) if cfg.axial is not None else None
+    outputs = loaded.predict_views(studies["views"], axial=axial)
     prior, prior_source = _prior(loaded, studies["grades"])
     metrics = compute_metrics(outputs["threshold_probs"], studies["grades"], prior)
     err = np.linalg.norm(outputs["level_xy"] - studies["level_xy"], axis=-1) * cfg.spine_crop_mm
@@ -89,11 +90,35 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     from lumbar_tf.training.calibration import evaluate_calibration
 
     metrics["calibration"] = evaluate_calibration(
-        loaded, studies["views"], outputs["threshold_probs"], studies["grades"], out
+        loaded, studies["views"], outputs["threshold_probs"], studies["grades"], out, axial=axial
     )
     write_json_atomic(out / "metrics.json", metrics)
     _plots(outputs["threshold_probs"], studies["grades"], out, loaded.run_dir)
     return metrics
+
+
+def axial_crops_end_to_end(loaded, data_dir: Path, studies: dict) -> np.ndarray:
+    """An axial model's crops ``[N, 5, S, S, C]`` for the evaluated studies, cut around the projection
+    of the model's *own* levels, as `predict_study` cuts them (`runtime.predictor.axial_inputs`).
+
+    The cache holds crops around the labelled levels (what training reads); scoring on those would
+    hide the localiser's and the projection's error. Each study's headers and axial slices are read
+    again for this (a study whose axial series is missing gets zeros, as at inference).
+    """
+    from lumbar_tf import preprocess
+    from lumbar_tf.data.dataset import read_index
+    from lumbar_tf.dicom.reader import read_study
+    from lumbar_tf.runtime.predictor import axial_inputs
+
+    cfg = loaded.preprocess
+    index = read_index(data_dir)
+    crops = []
+    for n, sid in enumerate(str(s) for s in studies["study_id"]):
+        study = read_study(index.images_dir / sid, index.descriptions.get(sid))
+        _, grid, info, _ = preprocess.build_views(study, cfg)
+        batch = {name: studies["views"][name][n : n + 1] for name in cfg.view_names}
+        crops.append(axial_inputs(loaded, study, batch, grid, info)[1])
+    return np.stack(crops)
 
 
 # A study's spine sits "low" when the middle of its labelled L1/L2..L5/S1 canal points lies more

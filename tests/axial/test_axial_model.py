@@ -170,6 +170,26 @@ def test_predict_study_localises_projects_and_grades(axial_model_file, phantom_d
         assert "ax_t2: not_covered" not in cell["flags"]  # the series' own flag says it
 
 
+def test_evaluate_scores_an_axial_model_on_its_own_levels(axial_model_file, phantom_dir, tmp_path):
+    """`lumbar-tf evaluate` feeds an axial model the crops `predict_study` cuts (around the model's
+    own levels, not the cache's labelled ones), so its metrics are the end-to-end ones."""
+    from lumbar_tf.data.dataset import load_studies
+    from lumbar_tf.runtime.keras_model import KerasPredictor, load_model
+    from lumbar_tf.runtime.predictor import predict_study
+    from lumbar_tf.training.evaluate import axial_crops_end_to_end, evaluate
+
+    metrics = evaluate(axial_model_file, phantom_dir, tmp_path / "eval")
+    assert metrics["n_studies"] == 12 and 0 <= metrics["macro_roc_auc"] <= 1
+    loaded = load_model(axial_model_file)
+    studies = load_studies(tmp_path / "eval" / "cache", loaded.preprocess)
+    two = {"study_id": studies["study_id"][:2], "views": {k: v[:2] for k, v in studies["views"].items()}}
+    crops = axial_crops_end_to_end(loaded, phantom_dir, two)
+    for n in range(2):
+        sid = str(studies["study_id"][n])
+        result = predict_study(KerasPredictor(axial_model_file), phantom_dir / "train_images" / sid)
+        assert np.array_equal(crops[n], result.axial[1])
+
+
 def test_tablet_modules_still_import_no_tensorflow():
     import subprocess
     import sys
