@@ -914,24 +914,41 @@ def crop_and_resize(image, boxes, out_size: int, extrapolation_value: float = 0.
     squeeze = img.ndim == 2
     if squeeze:
         img = img[..., None]
-    h, w = img.shape[:2]
+    h, w, c = img.shape
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     in_y = _sample_coords(boxes[:, 0], boxes[:, 2], h, out_size)
     in_x = _sample_coords(boxes[:, 1], boxes[:, 3], w, out_size)
-    valid = ((in_y >= 0) & (in_y <= h - 1))[:, :, None] & ((in_x >= 0) & (in_x <= w - 1))[:, None, :]
     fy, fx = np.floor(in_y), np.floor(in_x)
-    top = np.clip(fy, 0, h - 1).astype(np.intp)[:, :, None]
-    bottom = np.clip(np.ceil(in_y), 0, h - 1).astype(np.intp)[:, :, None]
-    left = np.clip(fx, 0, w - 1).astype(np.intp)[:, None, :]
-    right = np.clip(np.ceil(in_x), 0, w - 1).astype(np.intp)[:, None, :]
-    y_lerp = (in_y - fy)[:, :, None, None]
+    top = np.clip(fy, 0, h - 1).astype(np.intp) * w
+    bottom = np.clip(np.ceil(in_y), 0, h - 1).astype(np.intp) * w
+    left = np.clip(fx, 0, w - 1).astype(np.intp)
+    right = np.clip(np.ceil(in_x), 0, w - 1).astype(np.intp)
+    # Rows of a [H*W, C] view taken by flat pixel index: 4x faster than 2-D fancy indexing (the
+    # tablet runner crops with this between its two signatures, benchmarks/inference_results.md).
+    # The in-place arithmetic keeps TF's operations and their order (top_left + (top_right -
+    # top_left) * x_lerp, then upper + (lower - upper) * y_lerp): the same floats as before, bit for bit.
+    flat = np.ascontiguousarray(img).reshape(h * w, c)
+
+    def pixels(rows, cols):
+        return flat.take(rows[:, :, None] + cols[:, None, :], axis=0)
+
     x_lerp = (in_x - fx)[:, None, :, None]
-    top_left, top_right = img[top, left], img[top, right]
-    bottom_left, bottom_right = img[bottom, left], img[bottom, right]
-    upper = top_left + (top_right - top_left) * x_lerp
-    lower = bottom_left + (bottom_right - bottom_left) * x_lerp
-    out = upper + (lower - upper) * y_lerp
-    out = np.where(valid[..., None], out, np.float32(extrapolation_value)).astype(np.float32)
+    upper = pixels(top, left)
+    out = pixels(top, right)
+    out -= upper
+    out *= x_lerp
+    out += upper
+    lower = pixels(bottom, left)
+    below = pixels(bottom, right)
+    below -= lower
+    below *= x_lerp
+    below += lower
+    below -= out
+    below *= (in_y - fy)[:, :, None, None]
+    out += below
+    valid = ((in_y >= 0) & (in_y <= h - 1))[:, :, None] & ((in_x >= 0) & (in_x <= w - 1))[:, None, :]
+    if not valid.all():
+        out[~valid] = np.float32(extrapolation_value)
     return out[..., 0] if squeeze else out
 
 
