@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
         manifest = prepare_cache(data_dir, cache, cfg)
     ids, which = _studies_to_evaluate(split, same_data, manifest, split_fold)
     studies = load_studies(cache, cfg, ids)
-    axial = axial_crops_end_to_end(loaded, data_dir, studies) if cfg.axial is not None else None
+    axial, zeroed = axial_crops_end_to_end(loaded, data_dir, studies) if cfg.axial is not None else (None, {})
     outputs = loaded.predict_views(studies["views"], axial=axial)
     prior, prior_source = _prior(loaded, studies["grades"])
     metrics = compute_metrics(outputs["threshold_probs"], studies["grades"], prior)
@@ -85,6 +86,8 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     # file and reason by `prepare_cache` (the same report as `prepare`).
     skipped = manifest.get("skipped") or {}
     metrics["skipped_studies"] = {"count": len(skipped), "listed_in": str(cache / SKIPPED)}
+    if zeroed:  # graded from the sagittal views only, as a study without an axial series is
+        metrics["axial_crops_zeroed"] = zeroed
     metrics["prior_from"] = prior_source
     metrics["intended_use"] = INTENDED_USE
     from lumbar_tf.training.calibration import evaluate_calibration
@@ -97,28 +100,38 @@ def evaluate(model_path, data_dir, out_dir, *, cache_dir=None, split_fold: int |
     return metrics
 
 
-def axial_crops_end_to_end(loaded, data_dir: Path, studies: dict) -> np.ndarray:
+def axial_crops_end_to_end(loaded, data_dir: Path, studies: dict) -> tuple[np.ndarray, dict[str, str]]:
     """An axial model's crops ``[N, 5, S, S, C]`` for the evaluated studies, cut around the projection
-    of the model's *own* levels, as `predict_study` cuts them (`runtime.predictor.axial_inputs`).
+    of the model's *own* levels, as `predict_study` cuts them (`runtime.predictor.axial_inputs`), and
+    ``{study_id: reason}`` for the studies whose crops could not be cut (zeros, with a warning).
 
     The cache holds crops around the labelled levels (what training reads); scoring on those would
-    hide the localiser's and the projection's error. Each study's headers and axial slices are read
-    again for this (a study whose axial series is missing gets zeros, as at inference).
+    hide the localiser's and the projection's error. Each study's headers are read again and its
+    view grid rebuilt for this (the grid is not cached); a study without an axial series gets zeros,
+    as at inference. A slice that fails to decode now (one the labels' projection never needed)
+    costs that study its axial crops, not the evaluation.
     """
     from lumbar_tf import preprocess
+    from lumbar_tf.core.errors import one_line
     from lumbar_tf.data.dataset import read_index
     from lumbar_tf.dicom.reader import read_study
     from lumbar_tf.runtime.predictor import axial_inputs
 
     cfg = loaded.preprocess
     index = read_index(data_dir)
-    crops = []
+    zeros = np.zeros((L.N_LEVELS, cfg.crop_size, cfg.crop_size, cfg.axial.channels), np.uint8)
+    crops, zeroed = [], {}
     for n, sid in enumerate(str(s) for s in studies["study_id"]):
-        study = read_study(index.images_dir / sid, index.descriptions.get(sid))
-        _, grid, info, _ = preprocess.build_views(study, cfg)
-        batch = {name: studies["views"][name][n : n + 1] for name in cfg.view_names}
-        crops.append(axial_inputs(loaded, study, batch, grid, info)[1])
-    return np.stack(crops)
+        try:
+            study = read_study(index.images_dir / sid, index.descriptions.get(sid))
+            _, grid, info, _ = preprocess.build_views(study, cfg)
+            batch = {name: studies["views"][name][n : n + 1] for name in cfg.view_names}
+            crops.append(axial_inputs(loaded, study, batch, grid, info)[1])
+        except Exception as exc:  # a batch job: this study loses its axial input, the run goes on
+            zeroed[sid] = one_line(exc)
+            warnings.warn(f"study {sid}: axial crops zeroed ({zeroed[sid]})", stacklevel=2)
+            crops.append(zeros)
+    return np.stack(crops), zeroed
 
 
 # A study's spine sits "low" when the middle of its labelled L1/L2..L5/S1 canal points lies more

@@ -3,6 +3,7 @@ the end-to-end model with its `ax_t2` input and the one predict path (localise -
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -183,11 +184,22 @@ def test_evaluate_scores_an_axial_model_on_its_own_levels(axial_model_file, phan
     loaded = load_model(axial_model_file)
     studies = load_studies(tmp_path / "eval" / "cache", loaded.preprocess)
     two = {"study_id": studies["study_id"][:2], "views": {k: v[:2] for k, v in studies["views"].items()}}
-    crops = axial_crops_end_to_end(loaded, phantom_dir, two)
+    crops, zeroed = axial_crops_end_to_end(loaded, phantom_dir, two)
+    assert zeroed == {}
     for n in range(2):
         sid = str(studies["study_id"][n])
         result = predict_study(KerasPredictor(axial_model_file), phantom_dir / "train_images" / sid)
         assert np.array_equal(crops[n], result.axial[1])
+
+    # A study that cannot be read again costs its axial crops (zeros, reported), not the evaluation.
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    gone = str(studies["study_id"][3])
+    shutil.rmtree(data / "train_images" / gone)
+    with pytest.warns(UserWarning, match=f"study {gone}: axial crops zeroed"):
+        again = evaluate(axial_model_file, data, tmp_path / "eval2", cache_dir=tmp_path / "eval" / "cache")
+    assert again["n_studies"] == 12 and list(again["axial_crops_zeroed"]) == [gone]
+    assert "axial_crops_zeroed" not in metrics
 
 
 def test_tablet_modules_still_import_no_tensorflow():
