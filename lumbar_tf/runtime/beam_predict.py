@@ -3,10 +3,14 @@
 The same result as `runtime.batch.predict_folder`, with the work spread over a Beam runner:
 
     study ids -> Read (read_study + preprocess.build_views, as `predict_study` does)
-              -> RunInference(StudyModelHandler)   batches of studies through the model
+              [an axial model: -> RunInference(localize)   batches of studies through the localiser
+                               -> CutAxial (`predictor.axial_inputs` on the localiser's levels)]
+              -> RunInference(predict)   batches of studies through the model
               -> Finish (`predictor.study_result`: level positions, predictions.json written)
 
-A study that fails in Read or Finish is reported and gets the prior's rows, as in the loop; the
+An axial model's crops depend on where its own localiser puts the levels, so it takes two passes
+through the model, as `predict_study` makes two calls. A study that fails in Read, CutAxial or
+Finish is reported and gets the prior's rows, as in the loop; the
 driver then writes the submission and report with `batch.write_batch_outputs`. The handler loads
 the model with `artifacts.load_predictor` (SavedModel, ``.keras`` or ``.tflite``) once per worker:
 Beam's own `TFModelHandlerTensor` loads through ``tf.keras.models.load_model``, which in Keras 3
@@ -48,9 +52,12 @@ class ReadStudy:
     study_id: str
     study: object
     built: tuple  # preprocess.build_views(study, cfg): (views, grid, info, warnings)
+    axial: tuple | None = None  # an axial model's (projections, crops [5, S, S, C]) after CutAxial
 
 
-def _study_model_handler(model_path, max_batch_size: int):
+def _study_model_handler(model_path, max_batch_size: int, *, localize: bool = False):
+    """The RunInference handler for ``model_path``: the whole model (``predict_views``: outputs per
+    study), or only its localiser (``localize_views``: ``{"level_xy": [1, 5, 2]}`` per study)."""
     from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
     class StudyModelHandler(ModelHandler):
@@ -65,7 +72,13 @@ def _study_model_handler(model_path, max_batch_size: int):
 
         def run_inference(self, batch_, model, inference_args=None):
             views = {n: np.stack([s.built[0][n] for s in batch_]) for n in model.preprocess.view_names}
-            outputs = {k: np.asarray(v) for k, v in model.predict_views(views).items()}
+            if localize:
+                outputs = {"level_xy": np.asarray(model.localize_views(views))}
+            elif model.preprocess.axial is not None:
+                crops = np.stack([s.axial[1] for s in batch_])
+                outputs = {k: np.asarray(v) for k, v in model.predict_views(views, axial=crops).items()}
+            else:
+                outputs = {k: np.asarray(v) for k, v in model.predict_views(views).items()}
             return [
                 PredictionResult(s, {k: v[i : i + 1] for k, v in outputs.items()}, self.model_path)
                 for i, s in enumerate(batch_)
@@ -93,12 +106,30 @@ def _read(study_id, images: Path, descriptions: dict, cfg):
         yield pvalue.TaggedOutput("failed", json.dumps({"study_id": study_id, "error": one_line(exc)}))
 
 
+def _cut_axial(result, facts: ModelFacts):
+    """The axial crops around the projection of the localiser's levels (``result.inference``)."""
+    from apache_beam import pvalue
+
+    from lumbar_tf.runtime.predictor import axial_inputs
+
+    read = result.example
+    views, grid, info, _ = read.built
+    batch = {n: np.asarray(views[n])[None] for n in facts.preprocess.view_names}
+    try:
+        cut = axial_inputs(facts, read.study, batch, grid, info, level_xy=result.inference["level_xy"])
+        yield ReadStudy(read.study_id, read.study, read.built, cut)
+    except Exception as exc:  # noqa: BLE001  (one bad study must not stop the batch)
+        yield pvalue.TaggedOutput("failed", json.dumps({"study_id": read.study_id, "error": one_line(exc)}))
+
+
 def _finish(result, facts: ModelFacts, out: Path) -> str:
     from lumbar_tf.runtime.predictor import study_result
 
     read = result.example
     try:
-        done = study_result(facts, read.study, read.built, result.inference, study_id=read.study_id)
+        done = study_result(
+            facts, read.study, read.built, result.inference, study_id=read.study_id, axial=read.axial
+        )
         predictions.write_predictions(out / read.study_id / "predictions.json", done.predictions)
     except Exception as exc:  # noqa: BLE001
         return json.dumps({"study_id": read.study_id, "error": one_line(exc)})
@@ -140,13 +171,23 @@ def predict_folder_beam(
                     "failed", main="read"
                 )
             )
+            failed = [read.failed]
+            ready = read.read
+            if facts.preprocess.axial is not None:
+                cut = (
+                    ready
+                    | "Localize" >> RunInference(_study_model_handler(model, max_batch_size, localize=True))
+                    | "CutAxial" >> beam.FlatMap(_cut_axial, facts).with_outputs("failed", main="cut")
+                )
+                ready = cut.cut
+                failed.append(cut.failed)
             finished = (
-                read.read
+                ready
                 | "Predict" >> RunInference(_study_model_handler(model, max_batch_size))
                 | "Finish" >> beam.Map(_finish, facts, out)
             )
             (
-                (finished, read.failed)
+                (finished, *failed)
                 | "Status" >> beam.Flatten()
                 | "WriteStatus" >> beam.io.WriteToText(str(out / _STATUS))
             )

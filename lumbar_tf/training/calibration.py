@@ -379,6 +379,7 @@ def calibrate_run(run_dir, data_dir, *, cache_dir=None) -> dict:
     if not split_file.is_file():
         raise DatasetError(f"{split_file}: missing (is {run} a finished run?)")
     split = json.loads(split_file.read_text())
+    data_dir = data_dir or split.get("data_dir")  # where the run was trained, when not given
     cfg = loaded.preprocess
     cache = Path(cache_dir) if cache_dir else run / "cache"
     try:
@@ -390,8 +391,13 @@ def calibrate_run(run_dir, data_dir, *, cache_dir=None) -> dict:
     if not ids:
         raise DatasetError(f"{cache}: no study of the validation fold {split['val_fold']} is cached")
     studies = load_studies(cache, cfg, ids)
+    axial = None
+    if cfg.axial is not None:  # fit on what inference sees: crops around the model's own levels
+        from lumbar_tf.training.evaluate import axial_crops_end_to_end
+
+        axial, _ = axial_crops_end_to_end(loaded, Path(data_dir), studies)
     base = _uncalibrated(loaded)  # fit on the uncalibrated logits
-    probs = base.predict_views(studies["views"])["threshold_probs"]
+    probs = base.predict_views(studies["views"], axial=axial)["threshold_probs"]
     fitted = fit_calibration(probs, studies["grades"])
     calibration = calibration_table(fitted)
     after = rescale(probs, *calibration)

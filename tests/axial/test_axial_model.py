@@ -202,6 +202,33 @@ def test_evaluate_scores_an_axial_model_on_its_own_levels(axial_model_file, phan
     assert "axial_crops_zeroed" not in metrics
 
 
+def test_calibrate_fits_an_axial_model_on_its_own_levels(axial_model_file, phantom_dir, tmp_path):
+    """`lumbar-tf calibrate` on an axial run: fitted on the validation fold's end-to-end crops, and
+    the calibrated model predicts the uncalibrated one's probabilities through the fitted maps."""
+    import json
+
+    from lumbar_tf.data.dataset import read_index
+    from lumbar_tf.runtime.keras_model import KerasPredictor
+    from lumbar_tf.runtime.predictor import predict_study
+    from lumbar_tf.training import calibration as cal
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(axial_model_file, run / "model.keras")
+    ids = read_index(phantom_dir).study_ids
+    split = {"data_dir": str(phantom_dir), "val_fold": 0, "folds": {s: int(n < 8) for n, s in enumerate(ids)}}
+    (run / "split.json").write_text(json.dumps(split))
+    record = cal.calibrate_run(run, None)
+    assert record["fitted_on"] == f"validation fold 0 ({len(ids) - 8} studies)"
+    study = phantom_dir / "train_images" / ids[0]
+    before = predict_study(KerasPredictor(axial_model_file), study)
+    after = predict_study(KerasPredictor(run), study)
+    assert np.array_equal(after.axial[1], before.axial[1])  # the localiser is untouched
+    table = list(record["temperatures"].values()), list(record["biases"].values())
+    expected = cal.rescale(before.threshold_probs[None], *table)[0]
+    np.testing.assert_allclose(after.threshold_probs, expected, atol=2e-4)
+
+
 def test_tablet_modules_still_import_no_tensorflow():
     import subprocess
     import sys

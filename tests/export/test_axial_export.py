@@ -275,3 +275,62 @@ def test_every_tflite_variant_takes_the_axial_crops(
         no_axial = predict_study(edge, bare, series_descriptions={}).predictions
         assert sum("no axial coverage" in w for w in no_axial["warnings"]) == labels.N_LEVELS, variant
         np.testing.assert_allclose(_probs(no_axial), _probs(keras_bare), atol=limit, err_msg=variant)
+
+
+def test_beam_batch_inference_of_an_axial_model_gives_the_loops_numbers(axial_export, phantom_dir, tmp_path):
+    """On Beam's local runner an axial model localises, cuts its axial crops and grades each study
+    (two passes, as `predict_study` makes two calls): the loop's submission and predictions.json,
+    for studies with Axial T2, one without it (zeros, the per-level warning) and one of broken files."""
+    import shutil
+
+    from lumbar_tf.data import beam_prepare
+    from lumbar_tf.runtime.artifacts import load_predictor
+    from lumbar_tf.runtime.batch import predict_folder
+    from lumbar_tf.runtime.beam_predict import predict_folder_beam
+    from tests.data.test_beam import _submission
+    from tests.runtime.test_predict import copy_study_without
+
+    out, report = axial_export
+    model = out / "saved_model" / NAME / str(report["version"])
+    images = tmp_path / "data" / "test_images"
+    images.mkdir(parents=True)
+    studies = sorted((phantom_dir / "train_images").iterdir(), key=lambda p: int(p.name))
+    for study in studies[:2]:
+        shutil.copytree(study, images / study.name)
+    bare = copy_study_without(studies[2], images, descriptions=("Axial T2",)).name
+    shutil.copytree(studies[3], images / studies[3].name)
+    for path in (images / studies[3].name).rglob("*.dcm"):
+        path.write_bytes(b"broken")
+
+    loop = predict_folder(load_predictor(model), images.parent, tmp_path / "loop" / "sub.csv", progress=False)
+    beamed = predict_folder_beam(
+        model,
+        images.parent,
+        tmp_path / "beam" / "sub.csv",
+        options=beam_prepare.pipeline_options("direct"),
+        max_batch_size=2,
+    )
+    assert beamed == loop and beamed["n_predicted"] == 3 and list(beamed["from_prior"]) == [studies[3].name]
+    assert sum("no axial coverage" in w for w in beamed["warnings"][bare]) == labels.N_LEVELS
+    (a, order_a), (b, order_b) = (
+        _submission(tmp_path / "loop" / "sub.csv"),
+        _submission(tmp_path / "beam" / "sub.csv"),
+    )
+    assert order_a == order_b
+    for row_id in a:
+        np.testing.assert_allclose(b[row_id], a[row_id], atol=2e-6)
+    for sid in loop["predicted"]:
+        one = json.loads((tmp_path / "loop" / "sub_studies" / sid / "predictions.json").read_text())
+        two = json.loads((tmp_path / "beam" / "sub_studies" / sid / "predictions.json").read_text())
+        assert (
+            one["axial"] == two["axial"] and one["series"] == two["series"] and one["levels"] == two["levels"]
+        )
+        np.testing.assert_allclose(_probs(two), _probs(one), atol=2e-6)
+    assert any(
+        e["covered"]
+        for sid in loop["predicted"]
+        if sid != bare
+        for e in json.loads((tmp_path / "beam" / "sub_studies" / sid / "predictions.json").read_text())[
+            "axial"
+        ]
+    )
