@@ -282,7 +282,6 @@ def main() -> None:
         peak, source = fma_peak_gflops(), "measured: FMA loop on every core, machine.py"
     if peak is None:
         sys.exit("error: no C compiler to measure the peak with; give --peak GFLOP/s")
-    args.peak = peak
     result = {
         "cpu": cpu_facts(),
         "peak_gflops": peak,
@@ -297,7 +296,7 @@ def main() -> None:
         for name in args.models.split(","):
             static = tuple(int(b) for b in args.static.split(",") if b)
             result["models"][name] = measure(
-                name.strip(), work, args.peak, args.budget, static, dynamic=not args.no_dynamic
+                name.strip(), work, peak, args.budget, static, dynamic=not args.no_dynamic
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

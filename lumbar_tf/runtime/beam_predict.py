@@ -10,9 +10,9 @@ The same result as `runtime.batch.predict_folder`, with the work spread over a B
 
 An axial model's crops depend on where its own localiser puts the levels, so it takes two passes
 through the model, as `predict_study` makes two calls. A study that fails in Read, CutAxial or
-Finish is reported and gets the prior's rows, as in the loop; the
-driver then writes the submission and report with `batch.write_batch_outputs`. The handler loads
-the model with `artifacts.load_predictor` (SavedModel, ``.keras`` or ``.tflite``) once per worker:
+Finish is reported and gets the prior's rows, as in the loop; the driver then writes the
+submission and report with `batch.write_batch_outputs`. The handler loads the model with
+`artifacts.load_predictor` (SavedModel, ``.keras`` or ``.tflite``) once per worker and pass:
 Beam's own `TFModelHandlerTensor` loads through ``tf.keras.models.load_model``, which in Keras 3
 cannot open a SavedModel, and feeds one tensor where the model takes one per view.
 """
@@ -74,11 +74,13 @@ def _study_model_handler(model_path, max_batch_size: int, *, localize: bool = Fa
             views = {n: np.stack([s.built[0][n] for s in batch_]) for n in model.preprocess.view_names}
             if localize:
                 outputs = {"level_xy": np.asarray(model.localize_views(views))}
-            elif model.preprocess.axial is not None:
-                crops = np.stack([s.axial[1] for s in batch_])
-                outputs = {k: np.asarray(v) for k, v in model.predict_views(views, axial=crops).items()}
-            else:
-                outputs = {k: np.asarray(v) for k, v in model.predict_views(views).items()}
+            else:  # axial= only for an axial model, as predict_study calls a predictor
+                axial = (
+                    {}
+                    if model.preprocess.axial is None
+                    else {"axial": np.stack([s.axial[1] for s in batch_])}
+                )
+                outputs = {k: np.asarray(v) for k, v in model.predict_views(views, **axial).items()}
             return [
                 PredictionResult(s, {k: v[i : i + 1] for k, v in outputs.items()}, self.model_path)
                 for i, s in enumerate(batch_)

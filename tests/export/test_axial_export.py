@@ -319,6 +319,7 @@ def test_beam_batch_inference_of_an_axial_model_gives_the_loops_numbers(axial_ex
     assert order_a == order_b
     for row_id in a:
         np.testing.assert_allclose(b[row_id], a[row_id], atol=2e-6)
+    covered = False  # a study with Axial T2 had its axial crops cut on Beam
     for sid in loop["predicted"]:
         one = json.loads((tmp_path / "loop" / "sub_studies" / sid / "predictions.json").read_text())
         two = json.loads((tmp_path / "beam" / "sub_studies" / sid / "predictions.json").read_text())
@@ -326,11 +327,5 @@ def test_beam_batch_inference_of_an_axial_model_gives_the_loops_numbers(axial_ex
             one["axial"] == two["axial"] and one["series"] == two["series"] and one["levels"] == two["levels"]
         )
         np.testing.assert_allclose(_probs(two), _probs(one), atol=2e-6)
-    assert any(
-        e["covered"]
-        for sid in loop["predicted"]
-        if sid != bare
-        for e in json.loads((tmp_path / "beam" / "sub_studies" / sid / "predictions.json").read_text())[
-            "axial"
-        ]
-    )
+        covered |= sid != bare and any(e["covered"] for e in two["axial"])
+    assert covered
